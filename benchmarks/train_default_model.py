@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; every default is the setting used for the shipped checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed for weight init and window sampling")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=550, help="optimizer steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (created)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch and the tokenizer")
     parser.add_argument("--device", default="cpu", help="torch device to train on")
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per optimizer step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on weight matrices")
     parser.add_argument("--eval-context", type=int, default=512, help="held-out window length")
     parser.add_argument("--eval-windows", type=int, default=0, help="held-out windows to score (0 = all)")
@@ -76,7 +76,7 @@ def _import_corpus():
     return corpus
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
     """Train a byte-level BPE on ``texts``; return a ``PreTrainedTokenizerFast`` using ``<|endoftext|>``."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -90,7 +90,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
-        model_max_length=None,
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = {split: corpus.read_texts(corpus.stdlib_files(split)) for split in corpus.SPLITS}
     print(f"stdlib {corpus.stdlib_root()}: " + ", ".join(f"{s} {len(t)} files" for s, t in texts.items()), flush=True)
 
-    tokenizer = train_tokenizer(texts["train"], args.vocab_size)
+    tokenizer = train_tokenizer(texts["train"], args.vocab_size, args.n_positions)
     streams = {split: token_stream(tokenizer, split_texts) for split, split_texts in texts.items()}
     print(
         f"tokenizer: vocab {len(tokenizer)}; tokens " + ", ".join(f"{s} {len(t):,}" for s, t in streams.items()),
