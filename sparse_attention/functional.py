@@ -29,7 +29,9 @@ def triton_unsupported_reason(call: AttentionCall) -> str | None:
     if q.dtype not in _KERNEL_DTYPES:
         return f"query dtype {q.dtype} is not supported by the Triton kernels (use float16, bfloat16 or float32)"
     if not config.MIN_HEAD_DIM <= q.shape[-1] <= config.MAX_HEAD_DIM:
-        return f"head dim {q.shape[-1]} is outside the Triton kernels' range {config.MIN_HEAD_DIM}..{config.MAX_HEAD_DIM}"
+        return (
+            f"head dim {q.shape[-1]} is outside the Triton kernels' range {config.MIN_HEAD_DIM}..{config.MAX_HEAD_DIM}"
+        )
     return None
 
 
@@ -47,7 +49,9 @@ def _triton_forward(call: AttentionCall) -> tuple[torch.Tensor, AttentionStats |
         out, kept, visible, kept_v_rows = top_theta_decode(*args, **kwargs)
         stats = None
         if call.return_stats:
-            stats = AttentionStats(kept=kept, visible=visible, kept_v_rows=kept_v_rows if call.query.shape[2] == 1 else None)
+            stats = AttentionStats(
+                kept=kept, visible=visible, kept_v_rows=kept_v_rows if call.query.shape[2] == 1 else None
+            )
         return out, stats
     from .kernels.prefill import top_theta_prefill
 
@@ -125,4 +129,3 @@ def top_theta_attention(
     )  # fmt: skip
     out, stats = dispatch(call, backend)
     return (out, stats) if return_stats else out
-

@@ -178,9 +178,7 @@ class StatsCollector(ModelContext):
         return sum(self.decode_kept_v[i] for i in layers) / vis if vis else None
 
     def kept_v_fraction_per_layer(self) -> dict[int, float]:
-        return {
-            i: self.decode_kept_v[i] / max(1, self.decode_visible_v[i]) for i in sorted(self.decode_kept_v)
-        }
+        return {i: self.decode_kept_v[i] / max(1, self.decode_visible_v[i]) for i in sorted(self.decode_kept_v)}
 
     def report(self) -> dict:
         """A JSON-serialisable summary."""
@@ -245,7 +243,6 @@ def _mask_arguments(attention_mask, lq: int, lk: int, is_causal: bool):
 
 def _dense_sdpa(query, key, value, visible: torch.Tensor | None, scale: float, dropout: float) -> torch.Tensor:
     """Dense attention for training (``visible=None`` means square causal)."""
-    lq, lk = query.shape[2], key.shape[2]
     gqa = query.shape[1] != key.shape[1]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if visible is None:

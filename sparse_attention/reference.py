@@ -145,7 +145,8 @@ def top_theta_attention(
     :func:`sparse_attention.top_theta_attention` without ``backend``.
 
     Shapes: query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]``; returns ``[B, Hq, Lq, D]`` in the query dtype,
-    or ``(out, AttentionStats)`` with ``return_stats=True``. Raises as :func:`~sparse_attention.validation.prepare_call`.
+    or ``(out, AttentionStats)`` with ``return_stats=True``.
+    Raises as :func:`~sparse_attention.validation.prepare_call`.
     """
     call = prepare_call(
         query, key, value, theta, k_dense=k_dense, scale=scale, causal=causal, q_offset=q_offset,

@@ -58,12 +58,15 @@ class Thresholds:
             raise ValueError("n_points must be strictly increasing row lengths >= 1")
         if self.theta.dim() != 3 or self.theta.shape[2] != self.n_points.numel():
             raise ValueError(
-                f"theta must be [L, Hq, P] with P = len(n_points) = {self.n_points.numel()}, got {tuple(self.theta.shape)}"
+                f"theta must be [L, Hq, P] with P = len(n_points) = {self.n_points.numel()}, "
+                f"got {tuple(self.theta.shape)}"
             )
         if torch.isnan(self.theta).any():
             raise ValueError("theta contains NaN")
         if self.sdc_table is not None and self.sdc_table.shape != self.theta.shape:
-            raise ValueError(f"sdc_table shape {tuple(self.sdc_table.shape)} must equal theta's {tuple(self.theta.shape)}")
+            raise ValueError(
+                f"sdc_table shape {tuple(self.sdc_table.shape)} must equal theta's {tuple(self.theta.shape)}"
+            )
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
 
     @property

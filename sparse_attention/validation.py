@@ -99,12 +99,14 @@ def check_qk(query: torch.Tensor, key: torch.Tensor) -> tuple[int, int]:
         raise ValueError(f"key head dim {key.shape[3]} does not match query head dim {query.shape[3]}")
     hq, hkv = query.shape[1], key.shape[1]
     if hkv == 0 or hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention")
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention"
+        )
     return hq, hkv
 
 
 def head_table(name: str, table, num_heads: int, device: torch.device) -> torch.Tensor:
-    """Normalise a per-head, per-row-length table (scalar, ``[Hq]``, ``[1, T]`` or ``[Hq, T]``) to float32 ``[Hq, T]``."""
+    """Normalise a per-head, per-row-length table (scalar, ``[Hq]``, ``[1, T]``, ``[Hq, T]``) to float32 ``[Hq, T]``."""
     t = torch.as_tensor(table, dtype=torch.float32, device=device)
     if t.dim() == 0:
         t = t.reshape(1, 1)

@@ -138,7 +138,9 @@ def assert_close_to_oracle(out, out64, q, k, v, attn_mask=None, scale=None, *, c
     assert not torch.isnan(out).any(), f"{what}: NaN in output"
     got = out.detach().double().cpu()
     err = float((got - out64).abs().max()) if got.numel() else 0.0
-    tol = tolerance(q, k, v, attn_mask, scale=scale, causal=causal, q_offset=q_offset, magnitude=float(out64.abs().max()))
+    tol = tolerance(
+        q, k, v, attn_mask, scale=scale, causal=causal, q_offset=q_offset, magnitude=float(out64.abs().max())
+    )
     assert err <= tol, f"{what}: max abs error {err:.3e} exceeds tolerance {tol:.3e}"
 
 
