@@ -72,7 +72,8 @@ def dispatch(call: AttentionCall, backend: str) -> tuple[torch.Tensor, Attention
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
         return _triton_forward(call)
-    if reason is None:
+    # "auto" runs the kernels on CUDA tensors only: on CPU the interpreter is a testing tool, far slower than PyTorch.
+    if reason is None and call.query.is_cuda:
         return _triton_forward(call)
     return reference._forward(call)
 

@@ -25,6 +25,7 @@ import torch
 
 from .functional import dispatch
 from .hooks import ModelContext
+from .reference import topk_attention
 from .thresholds import Thresholds
 from .validation import BACKENDS, SDC_MODES, prepare_call
 
@@ -128,8 +129,11 @@ def model_settings(config) -> ModelSettings | None:
 class StatsCollector(ModelContext):
     """Accumulates kept/visible counts of every ``top_theta`` attention call (see :func:`collect_stats`)."""
 
-    def __init__(self, model):
+    def __init__(self, model, k: int | None = None):
         super().__init__(model, switch=False)
+        self.k = k
+        self.rows_over_k = 0
+        self.kept_over_k = 0
         self.prefill_kept: dict[int, torch.Tensor] = {}
         self.prefill_visible: dict[int, torch.Tensor] = {}
         self.decode_kept_v: dict[int, int] = {}
@@ -147,6 +151,10 @@ class StatsCollector(ModelContext):
             self.decode_kept_v[layer] = self.decode_kept_v.get(layer, 0) + int(stats.kept_v_rows.sum())
             self.decode_visible_v[layer] = self.decode_visible_v.get(layer, 0) + int(n.sum())
             return
+        if self.k is not None and not dense:
+            long_rows = stats.visible > self.k
+            self.rows_over_k += int(long_rows.sum())
+            self.kept_over_k += int(stats.kept[long_rows].sum())
         kept = stats.kept.sum(dim=(0, 2)).double().cpu()
         vis = stats.visible.sum(dim=(0, 2)).double().cpu()
         self.prefill_kept[layer] = self.prefill_kept.get(layer, 0) + kept
@@ -180,6 +188,12 @@ class StatsCollector(ModelContext):
     def kept_v_fraction_per_layer(self) -> dict[int, float]:
         return {i: self.decode_kept_v[i] / max(1, self.decode_visible_v[i]) for i in sorted(self.decode_kept_v)}
 
+    def kept_per_k(self) -> float | None:
+        """Mean kept count of the pruned layers' rows longer than ``k``, divided by ``k`` (1.0 = exactly top-k)."""
+        if self.k is None or self.rows_over_k == 0:
+            return None
+        return self.kept_over_k / self.rows_over_k / self.k
+
     def report(self) -> dict:
         """A JSON-serialisable summary."""
         return {
@@ -187,6 +201,7 @@ class StatsCollector(ModelContext):
             "kept_fraction_pruned_layers": self.kept_fraction(include_dense=False),
             "kept_v_fraction": self.kept_v_fraction(),
             "kept_v_fraction_pruned_layers": self.kept_v_fraction(include_dense=False),
+            "kept_per_k": self.kept_per_k(),
             "dense_layers": sorted(self.dense_layers),
             "per_layer": {str(k): v for k, v in self.kept_fraction_per_layer().items()},
             "per_head": {str(k): v for k, v in self.kept_fraction_per_head().items()},
@@ -194,14 +209,30 @@ class StatsCollector(ModelContext):
         }
 
 
-def collect_stats(model) -> StatsCollector:
+class TopKAttention(ModelContext):
+    """Exact top-k attention on every non-dense layer of a model: the quality baseline Top-θ approximates.
+
+    ``with TopKAttention(model, k=16): model(**batch)``; switches the model to ``top_theta`` for the duration.
+    """
+
+    def __init__(self, model, k: int, dense_layers=(0, 1)):
+        super().__init__(model, switch=True)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        self.k = k
+        self.dense_layers = tuple(dense_layers)
+
+
+def collect_stats(model, k: int | None = None) -> StatsCollector:
     """Context manager collecting how much attention a ``top_theta`` model keeps.
+
+    With ``k`` it also measures ``kept_per_k()``: the mean kept count of pruned rows longer than k, over k.
 
     ``with collect_stats(model) as st: model(**batch)`` then ``st.kept_fraction()`` (prefill, kept over visible
     elements), ``st.kept_fraction_per_head()``, ``st.kept_v_fraction()`` (decode steps: V rows loaded over visible
     keys per kv head) or ``st.report()``. Raises ``ValueError`` when the model does not use ``top_theta``.
     """
-    return StatsCollector(model)
+    return StatsCollector(model, k)
 
 
 # ---- the attention function ---------------------------------------------------------------------------------------
@@ -287,33 +318,46 @@ def top_theta_attention_forward(
         out = _dense_sdpa(query, key, value, visible, scale, dropout)
         return out.transpose(1, 2).contiguous(), None
 
-    settings = model_settings(module.config) if hasattr(module, "config") else None
-    theta = sdc_table = None
-    k_dense, placement, sdc, vmc, backend = 0, "pre", "exact", False, "auto"
-    dense = True
-    if settings is not None:
-        backend = settings.backend
-        th = settings.thresholds
-        layer = getattr(module, "layer_idx", None)
-        if th is not None:
-            if layer is None:
-                raise ValueError("top_theta thresholds need attention modules with a layer_idx")
-            dense = th.is_dense(layer)
-            if not dense:
-                theta = th.table(layer, query.device)
-                k_dense, placement, sdc, vmc = th.k, th.placement, settings.sdc, settings.vmc
-                if sdc == "calibrated":
-                    sdc_table = th.sdc(layer, query.device)
     collector = StatsCollector.active_for(module)
-    call = prepare_call(
-        query, key, value, theta, k_dense=k_dense, scale=scale, causal=causal, q_offset=q_offset,
-        attn_mask=attn_mask, placement=placement, sdc=sdc, sdc_table=sdc_table, vmc=vmc,
-        return_stats=collector is not None,
-    )  # fmt: skip
-    out, stats = dispatch(call, backend)
+    topk = TopKAttention.active_for(module)
+    if topk is not None and module.layer_idx not in topk.dense_layers:
+        dense = False
+        result = topk_attention(
+            query, key, value, topk.k, scale=scale, causal=causal, q_offset=q_offset, attn_mask=attn_mask,
+            return_stats=collector is not None,
+        )  # fmt: skip
+        out, stats = result if collector is not None else (result, None)
+    else:
+        kwargs, dense, backend = ({}, True, "auto") if topk is not None else _layer_settings(module, query.device)
+        call = prepare_call(
+            query, key, value, scale=scale, causal=causal, q_offset=q_offset, attn_mask=attn_mask,
+            return_stats=collector is not None, **kwargs,
+        )  # fmt: skip
+        out, stats = dispatch(call, backend)
     if collector is not None:
         collector.add(module.layer_idx, stats, lq, dense)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _layer_settings(module, device) -> tuple[dict, bool, str]:
+    """Top-θ keyword arguments of this module's layer, whether the layer is dense, and the backend."""
+    settings = model_settings(module.config) if hasattr(module, "config") else None
+    if settings is None:
+        return {}, True, "auto"
+    th = settings.thresholds
+    if th is None:
+        return {}, True, settings.backend
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise ValueError("top_theta thresholds need attention modules with a layer_idx")
+    if th.is_dense(layer):
+        return {}, True, settings.backend
+    kwargs = dict(
+        theta=th.table(layer, device), k_dense=th.k, placement=th.placement, sdc=settings.sdc, vmc=settings.vmc
+    )
+    if settings.sdc == "calibrated":
+        kwargs["sdc_table"] = th.sdc(layer, device)
+    return kwargs, False, settings.backend
 
 
 def _visible_mask(attn_mask, causal: bool, q_offset: int, lq: int, lk: int, device) -> torch.Tensor | None:

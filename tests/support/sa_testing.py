@@ -167,3 +167,28 @@ def quantile_theta(q, k, keep_fraction: float, scale=None) -> torch.Tensor:
     s = scale * q.float() @ k.float().repeat_interleave(hq // hkv, 1).transpose(-1, -2)
     flat = s.transpose(0, 1).reshape(hq, -1)
     return torch.quantile(flat, 1.0 - keep_fraction, dim=1).float()
+
+
+def tiny_gpt2(n_layer=3, n_head=4, n_embd=64, vocab=97, positions=128, seed=0):
+    """A randomly initialised GPT-2 small enough for CPU tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=positions,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(layers=3, heads=4, kv_heads=2, hidden=64, vocab=97, seed=0):
+    """A randomly initialised GQA Llama small enough for CPU tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=hidden,
+        intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=256,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()

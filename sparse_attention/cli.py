@@ -1,0 +1,240 @@
+"""Command line: ``python -m sparse_attention <command>`` (also installed as ``sparse-attention``).
+
+Commands:
+    demo       calibrate the shipped model on calibration text and report dense / top-k / Top-θ (the main job)
+    calibrate  calibrate thresholds for a model and save them (and optionally a configured checkpoint)
+    evaluate   report a configured model (or a model plus a thresholds file) against dense attention
+    train      fine-tune a causal LM with the attention-condensation regularizer
+
+Every command takes ``--model`` (a local directory or a hub id; default: the shipped model), ``--text`` (files or
+directories of text; default: the matching split of the Python standard library), ``--k``, ``--placement``,
+``--sdc``, ``--vmc`` and ``--device``. Bad input prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .validation import PLACEMENTS, SDC_MODES
+
+
+class UsageError(ValueError):
+    """An input problem reported as one line, without a traceback."""
+
+
+def _load(args):
+    import torch
+
+    from .default_model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+
+    torch.manual_seed(args.seed)
+    source = args.model or DEFAULT_MODEL_DIR
+    model, tokenizer = load_model_and_tokenizer(source, attn_implementation="eager", device=args.device)
+    try:
+        from .hf import ensure_registered
+
+        ensure_registered()
+        model.set_attn_implementation("top_theta")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UsageError(f"model {source} cannot use the top_theta attention backend: {exc}") from None
+    model.set_attn_implementation("eager")
+    return model, tokenizer
+
+
+def _texts(args, split: str) -> list[str]:
+    from .corpus import load_texts, read_texts, stdlib_files
+
+    if args.text:
+        return load_texts(args.text)
+    return read_texts(stdlib_files(split))
+
+
+def _seq_len(args, model) -> int:
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
+    return min(args.seq_len or 512, limit)
+
+
+def _split_windows(args, model, tokenizer):
+    """Disjoint calibration and held-out windows: separate corpus splits by default; with ``--text``, the first
+    ``--calib-windows`` windows calibrate and the rest are held out."""
+    from .evaluation import token_windows
+
+    seq_len = _seq_len(args, model)
+    if args.text:
+        windows = token_windows(tokenizer, _texts(args, "heldout"), seq_len)
+        if windows.shape[0] < 2:
+            raise UsageError("--text is too short: need at least two windows (one to calibrate, one to evaluate)")
+        n_cal = min(args.calib_windows, windows.shape[0] // 2)
+        heldout = windows[n_cal:]
+        if heldout.shape[0] > args.windows:
+            heldout = heldout[: args.windows]
+        return windows[:n_cal], heldout
+    calibration = token_windows(tokenizer, _texts(args, "calibration"), seq_len, args.calib_windows)
+    heldout = token_windows(tokenizer, _texts(args, "heldout"), seq_len, args.windows)
+    return calibration, heldout
+
+
+def _write_report(args, records, extra: dict) -> None:
+    from .evaluation import format_table, plot
+
+    print(format_table(records))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({**extra, "records": records}, indent=1))
+    drawn = plot(records, out / "report.png")
+    print(
+        f"wrote {out / 'report.json'}" + (f" and {out / 'report.png'}" if drawn else " (install matplotlib for a plot)")
+    )
+
+
+def _meta(args, model, calibration, heldout) -> dict:
+    import torch
+
+    return {
+        "command": "python -m sparse_attention " + " ".join(sys.argv[1:]),
+        "model": str(args.model or "shipped default"),
+        "model_type": model.config.model_type,
+        "layers": model.config.num_hidden_layers,
+        "heads": model.config.num_attention_heads,
+        "seq_len": int(heldout.shape[1]),
+        "heldout_windows": int(heldout.shape[0]),
+        "calibration_windows": None if calibration is None else int(calibration.shape[0]),
+        "torch": torch.__version__,
+        "device": str(args.device or "cpu"),
+    }
+
+
+def cmd_demo(args) -> int:
+    from .evaluation import compare
+
+    model, tokenizer = _load(args)
+    calibration, heldout = _split_windows(args, model, tokenizer)
+    records = compare(
+        model, heldout, calibration, ks=args.k, placement=args.placement, sdc=args.sdc, vmc=args.vmc,
+        sigma=args.sigma, dense_layers=args.dense_layers, new_tokens=args.new_tokens, batch_size=args.batch_size,
+        progress=not args.quiet,
+    )  # fmt: skip
+    _write_report(args, records, _meta(args, model, calibration, heldout))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate
+    from .evaluation import _batches, token_windows
+    from .hf import configure
+
+    model, tokenizer = _load(args)
+    windows = token_windows(tokenizer, _texts(args, "calibration"), _seq_len(args, model), args.calib_windows)
+    th = calibrate(
+        model, _batches(windows, args.batch_size), k=args.k[0], placement=args.placement, sigma=args.sigma,
+        dense_layers=args.dense_layers, progress=not args.quiet,
+    )  # fmt: skip
+    path = th.save(args.out)
+    print(f"calibrated k={th.k} placement={th.placement} on {windows.shape[0]} windows: wrote {path}")
+    if args.save_model:
+        configure(model, th, sdc=args.sdc, vmc=args.vmc, backend=args.backend)
+        model.save_pretrained(args.save_model)
+        tokenizer.save_pretrained(args.save_model)
+        print(f"wrote a configured checkpoint to {args.save_model} (load it with attn_implementation='top_theta')")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_configured, token_windows
+    from .hf import configure, model_settings
+    from .thresholds import Thresholds
+
+    model, tokenizer = _load(args)
+    if args.thresholds:
+        configure(model, Thresholds.load(args.thresholds), sdc=args.sdc, vmc=args.vmc, backend=args.backend)
+    elif model_settings(model.config) is None:
+        raise UsageError("the model has no Top-θ configuration: pass --thresholds FILE (from the calibrate command)")
+    else:
+        model.set_attn_implementation("top_theta")
+    heldout = token_windows(tokenizer, _texts(args, "heldout"), _seq_len(args, model), args.windows)
+    records = evaluate_configured(model, heldout, new_tokens=args.new_tokens, batch_size=args.batch_size)
+    _write_report(args, records, _meta(args, model, None, heldout))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import train_command
+
+    return train_command(args)
+
+
+def _k_list(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k takes integers separated by commas, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k values must be >= 1, got {text!r}")
+    return ks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-attention", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="local model directory or hub id (default: the shipped GPT-2)")
+    common.add_argument("--text", nargs="+", help="text files or directories (default: Python standard library)")
+    common.add_argument("--k", type=_k_list, default=None, help="top-k target(s), comma-separated")
+    common.add_argument("--placement", choices=PLACEMENTS, default="pre")
+    common.add_argument("--sdc", choices=SDC_MODES, default="exact", help="softmax denominator compensation")
+    common.add_argument("--vmc", action="store_true", help="V-mean compensation")
+    common.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    common.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
+    common.add_argument("--seq-len", type=int, default=None, help="window length (default: min(512, model limit))")
+    common.add_argument("--batch-size", type=int, default=8)
+    common.add_argument("--sigma", type=float, default=0.1)
+    common.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1])
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    eval_opts = argparse.ArgumentParser(add_help=False)
+    eval_opts.add_argument("--windows", type=int, default=24, help="held-out windows to evaluate")
+    eval_opts.add_argument("--calib-windows", type=int, default=16, help="calibration windows")
+    eval_opts.add_argument("--new-tokens", type=int, default=32, help="tokens generated to measure decoding")
+
+    p = sub.add_parser("demo", parents=[common, eval_opts], help="calibrate and report on the shipped model")
+    p.add_argument("--out", default="top_theta_report", help="report folder (JSON and PNG)")
+    p.set_defaults(func=cmd_demo, k_default=[8, 16, 32])
+    p = sub.add_parser("calibrate", parents=[common, eval_opts], help="calibrate and save thresholds")
+    p.add_argument("--out", default="thresholds.safetensors", help="thresholds file to write")
+    p.add_argument("--save-model", default=None, help="also save a configured checkpoint to this folder")
+    p.set_defaults(func=cmd_calibrate, k_default=[16])
+    p = sub.add_parser("evaluate", parents=[common, eval_opts], help="report a configured model against dense")
+    p.add_argument("--thresholds", default=None, help="thresholds file from the calibrate command")
+    p.add_argument("--out", default="top_theta_report", help="report folder (JSON and PNG)")
+    p.set_defaults(func=cmd_evaluate, k_default=None)
+    p = sub.add_parser("train", parents=[common], help="fine-tune with the condensation regularizer")
+    p.add_argument("--out", default="condensed_model", help="folder for the fine-tuned checkpoint")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lam", type=float, default=0.1, help="regularizer weight")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--kind", choices=("logmass", "mass"), default="logmass")
+    p.add_argument("--warmup", type=int, default=20, help="steps of linear warm-up of the regularizer weight")
+    p.set_defaults(func=cmd_train, k_default=[16])
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.k is None:
+        args.k = args.k_default
+    if args.seq_len is not None and args.seq_len < 2:
+        parser.error("--seq-len must be >= 2")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,231 @@
+"""The Hugging Face ``top_theta`` backend: parity with eager, caches, padding, configuration round trip."""
+
+import pytest
+import torch
+from sa_testing import tiny_gpt2, tiny_llama
+
+import sparse_attention as sa
+from sparse_attention import hf
+
+MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def _padded_batch(b=3, length=21, vocab=97, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, length), generator=gen)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, : length // 3] = 0  # left padding
+    if b > 2:
+        mask[2, : 2 * length // 3] = 0
+    return ids, mask
+
+
+def _logits(model, impl, ids, mask):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """Per model: (model, thresholds) calibrated with k=8 on random text."""
+    out = {}
+    for name, make in MODELS.items():
+        model = make()
+        gen = torch.Generator().manual_seed(3)
+        batches = [torch.randint(1, 97, (2, 48), generator=gen) for _ in range(3)]
+        out[name] = (model, sa.calibrate(model, batches, k=8, progress=False))
+    return out
+
+
+def test_registered_on_import():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert "top_theta" in AttentionInterface._global_mapping
+    assert "top_theta" in AttentionMaskInterface._global_mapping
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unconfigured_top_theta_matches_eager_with_left_padding(name):
+    model = MODELS[name]()
+    ids, mask = _padded_batch()
+    ref = _logits(model, "eager", ids, mask)
+    out = _logits(model, "top_theta", ids, mask)
+    valid = mask.bool()
+    assert (out - ref)[valid].abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dense_generate_matches_eager(name):
+    model = MODELS[name]()
+    ids, mask = _padded_batch(b=2, length=9)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.set_attn_implementation("eager")
+    ref = model.generate(**kwargs)
+    model.set_attn_implementation("top_theta")
+    assert torch.equal(model.generate(**kwargs), ref)
+    assert torch.equal(model.generate(**kwargs, use_cache=False), ref)
+    assert torch.equal(model.generate(**kwargs, cache_implementation="static"), ref)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_configured_model_prunes_and_reports(name, calibrated):
+    model, th = calibrated[name]
+    sa.configure(model, th)
+    ids, mask = _padded_batch(b=2, length=40)
+    with sa.collect_stats(model) as stats, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    frac = stats.kept_fraction(include_dense=False)
+    per_layer = stats.kept_fraction_per_layer()
+    assert 0.0 < frac < 0.7, frac
+    assert per_layer[0] == 1.0 and per_layer[1] == 1.0  # dense layers keep everything
+    assert per_layer[2] < 0.7
+    assert len(stats.kept_fraction_per_head()[2]) == model.config.num_attention_heads
+    report = stats.report()
+    assert report["kept_fraction_pruned_layers"] == pytest.approx(frac)
+    hf.configure(model, None)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pruned_generate_agrees_across_caches(name, calibrated):
+    model, th = calibrated[name]
+    sa.configure(model, th, sdc="threshold", vmc=True)
+    ids, mask = _padded_batch(b=2, length=24)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with sa.collect_stats(model) as stats:
+        cached = model.generate(**kwargs)
+    assert stats.kept_v_fraction(include_dense=False) < 1.0
+    assert torch.equal(model.generate(**kwargs, use_cache=False), cached)
+    assert torch.equal(model.generate(**kwargs, cache_implementation="static"), cached)
+    hf.configure(model, None)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_save_and_load_restore_identical_outputs(name, calibrated, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, th = calibrated[name]
+    sa.configure(model, th, sdc="calibrated", vmc=True)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="top_theta").eval()
+    with torch.no_grad():
+        after = loaded(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    back = sa.thresholds_of(loaded)
+    assert torch.equal(back.theta, th.theta) and back.k == 8
+    # Pruning changed the outputs relative to dense attention (the thresholds are not a no-op).
+    dense = _logits(MODELS[name](), "eager", ids, mask)
+    assert not torch.allclose(after, dense, atol=1e-4)
+    hf.configure(model, None)
+
+
+def test_configure_errors(calibrated):
+    model, th = calibrated["gpt2"]
+    llama, _ = calibrated["llama"]
+    wrong = sa.Thresholds(n_points=th.n_points, theta=th.theta[:, :2], k=8)
+    with pytest.raises(ValueError, match="heads per layer"):
+        sa.configure(model, wrong)
+    with pytest.raises(ValueError, match="calibrated on a 'gpt2' model"):
+        sa.configure(llama, th)
+    with pytest.raises(ValueError, match="placement='post'"):
+        sa.configure(model, th, placement="post")
+    no_table = sa.Thresholds(n_points=th.n_points, theta=th.theta, k=8, model_type="gpt2")
+    with pytest.raises(ValueError, match="sdc table"):
+        sa.configure(model, no_table, sdc="calibrated")
+    with pytest.raises(ValueError, match="sdc must be"):
+        sa.configure(model, th, sdc="bogus")
+    with pytest.raises(ValueError, match="backend must be"):
+        sa.configure(model, th, backend="cuda")
+    with pytest.raises(TypeError, match="Thresholds"):
+        sa.configure(model, {"theta": 1})
+
+
+def test_collect_stats_needs_top_theta():
+    model = tiny_gpt2()
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="top_theta"):
+        with sa.collect_stats(model):
+            pass
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, layer_idx=0, **attrs):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_causal = True
+        for k, v in attrs.items():
+            setattr(self, k, v)
+
+
+def test_attention_function_mask_forms():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 16).transpose(1, 2).contiguous().transpose(1, 2)  # strided like HF's view
+    k, v = torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    module = _Module().eval()
+    boolean = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6).clone()
+    boolean[1, :, :, :2] = False
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~boolean, torch.finfo(torch.float32).min)
+    a, w = hf.top_theta_attention_forward(module, q, k, v, boolean, scaling=0.25)
+    b, _ = hf.top_theta_attention_forward(module, q, k, v, additive, scaling=0.25)
+    assert w is None and a.shape == (2, 6, 4, 16)
+    assert torch.equal(a, b)
+    # Rows 0 and 1 of batch 1 see nothing: zeros, not NaN.
+    assert torch.equal(a[1, :2], torch.zeros_like(a[1, :2]))
+    # A None mask with Lq > 1 is top-left causal; equal to the explicit causal mask here (Lq == Lk).
+    c, _ = hf.top_theta_attention_forward(module, q, k, v, None, scaling=0.25)
+    d, _ = hf.top_theta_attention_forward(module, q, k, v, boolean[:1].expand(2, 1, 6, 6), scaling=0.25)
+    assert torch.equal(c[0], d[0])
+    with pytest.raises(ValueError, match="not attention biases"):
+        hf.top_theta_attention_forward(module, q, k, v, torch.randn(2, 1, 6, 6))
+
+
+def test_none_mask_top_left_for_static_prefill_and_all_keys_for_decode():
+    torch.manual_seed(1)
+    module = _Module().eval()
+    k, v = torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    q = torch.randn(1, 2, 4, 16)
+    out, _ = hf.top_theta_attention_forward(module, q, k, v, None)
+    ref = sa.top_theta_attention(q, k[:, :, :4], v[:, :, :4])  # unused static slots 4.. are invisible
+    torch.testing.assert_close(out.transpose(1, 2), ref)
+    out1, _ = hf.top_theta_attention_forward(module, q[:, :, :1], k, v, None)
+    ref1 = sa.top_theta_attention(q[:, :, :1], k, v, causal=False)
+    torch.testing.assert_close(out1.transpose(1, 2), ref1)
+
+
+def test_scaling_derived_like_gpt2_eager():
+    q = torch.randn(1, 2, 3, 16)
+    assert hf._scaling(_Module(), q, None) == pytest.approx(0.25)
+    assert hf._scaling(_Module(scaling=0.5), q, None) == 0.5
+    m = _Module(layer_idx=3, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=True)
+    assert hf._scaling(m, q, None) == pytest.approx(0.25 / 4)
+    assert hf._scaling(_Module(scale_attn_weights=False), q, None) == 1.0
+    assert hf._scaling(_Module(), q, 0.3) == 0.3
+
+
+def test_output_attentions_returns_no_weights():
+    model = tiny_gpt2()
+    model.set_attn_implementation("top_theta")
+    ids, mask = _padded_batch(b=2)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert out.attentions is None or all(a is None for a in out.attentions)
+
+
+def test_training_mode_is_dense_with_gradients():
+    model = tiny_gpt2()
+    ids, mask = _padded_batch()
+    ref = _logits(model, "eager", ids, mask)
+    model.set_attn_implementation("top_theta")
+    model.config.attn_pdrop = 0.0
+    model.train()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    assert (out.logits - ref)[mask.bool()].abs().max().item() < 1e-5
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
