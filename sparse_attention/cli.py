@@ -31,6 +31,10 @@ def _load(args):
     from .default_model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     source = args.model or DEFAULT_MODEL_DIR
     model, tokenizer = load_model_and_tokenizer(source, attn_implementation="eager", device=args.device)
     try:
@@ -57,14 +61,14 @@ def _seq_len(args, model) -> int:
     return min(args.seq_len or 512, limit)
 
 
-def _split_windows(args, model, tokenizer):
+def _split_windows(args, model, tokenizer, texts):
     """Disjoint calibration and held-out windows: separate corpus splits by default; with ``--text``, the first
-    ``--calib-windows`` windows calibrate and the rest are held out."""
+    ``--calib-windows`` windows calibrate and the rest are held out. ``texts`` maps split names to texts."""
     from .evaluation import token_windows
 
     seq_len = _seq_len(args, model)
     if args.text:
-        windows = token_windows(tokenizer, _texts(args, "heldout"), seq_len)
+        windows = token_windows(tokenizer, texts["heldout"], seq_len)
         if windows.shape[0] < 2:
             raise UsageError("--text is too short: need at least two windows (one to calibrate, one to evaluate)")
         n_cal = min(args.calib_windows, windows.shape[0] // 2)
@@ -72,8 +76,8 @@ def _split_windows(args, model, tokenizer):
         if heldout.shape[0] > args.windows:
             heldout = heldout[: args.windows]
         return windows[:n_cal], heldout
-    calibration = token_windows(tokenizer, _texts(args, "calibration"), seq_len, args.calib_windows)
-    heldout = token_windows(tokenizer, _texts(args, "heldout"), seq_len, args.windows)
+    calibration = token_windows(tokenizer, texts["calibration"], seq_len, args.calib_windows)
+    heldout = token_windows(tokenizer, texts["heldout"], seq_len, args.windows)
     return calibration, heldout
 
 
@@ -110,8 +114,10 @@ def _meta(args, model, calibration, heldout) -> dict:
 def cmd_demo(args) -> int:
     from .evaluation import compare
 
+    # Text first: a bad --text is reported before any model is loaded.
+    texts = {split: _texts(args, split) for split in (("heldout",) if args.text else ("calibration", "heldout"))}
     model, tokenizer = _load(args)
-    calibration, heldout = _split_windows(args, model, tokenizer)
+    calibration, heldout = _split_windows(args, model, tokenizer, texts)
     records = compare(
         model, heldout, calibration, ks=args.k, placement=args.placement, sdc=args.sdc, vmc=args.vmc,
         sigma=args.sigma, dense_layers=args.dense_layers, new_tokens=args.new_tokens, batch_size=args.batch_size,
@@ -126,8 +132,9 @@ def cmd_calibrate(args) -> int:
     from .evaluation import _batches, token_windows
     from .hf import configure
 
+    texts = _texts(args, "calibration")
     model, tokenizer = _load(args)
-    windows = token_windows(tokenizer, _texts(args, "calibration"), _seq_len(args, model), args.calib_windows)
+    windows = token_windows(tokenizer, texts, _seq_len(args, model), args.calib_windows)
     th = calibrate(
         model, _batches(windows, args.batch_size), k=args.k[0], placement=args.placement, sigma=args.sigma,
         dense_layers=args.dense_layers, progress=not args.quiet,
@@ -147,14 +154,16 @@ def cmd_evaluate(args) -> int:
     from .hf import configure, model_settings
     from .thresholds import Thresholds
 
+    texts = _texts(args, "heldout")
+    thresholds = Thresholds.load(args.thresholds) if args.thresholds else None
     model, tokenizer = _load(args)
-    if args.thresholds:
-        configure(model, Thresholds.load(args.thresholds), sdc=args.sdc, vmc=args.vmc, backend=args.backend)
+    if thresholds is not None:
+        configure(model, thresholds, sdc=args.sdc, vmc=args.vmc, backend=args.backend)
     elif model_settings(model.config) is None:
         raise UsageError("the model has no Top-θ configuration: pass --thresholds FILE (from the calibrate command)")
     else:
         model.set_attn_implementation("top_theta")
-    heldout = token_windows(tokenizer, _texts(args, "heldout"), _seq_len(args, model), args.windows)
+    heldout = token_windows(tokenizer, texts, _seq_len(args, model), args.windows)
     records = evaluate_configured(model, heldout, new_tokens=args.new_tokens, batch_size=args.batch_size)
     _write_report(args, records, _meta(args, model, None, heldout))
     return 0
