@@ -7,6 +7,9 @@ Environment variables (all optional, read once at import):
 - ``SPARSE_ATTENTION_AUTOTUNE`` (default 1 on a GPU): 0 pins every kernel to its first config (useful to cut
   compile time). Under ``TRITON_INTERPRET=1`` there is always exactly one config, because the interpreter
   cannot run a multi-config autotune.
+- ``SPARSE_ATTENTION_REGULARIZER_BLOCK_M`` / ``SPARSE_ATTENTION_REGULARIZER_BLOCK_N`` (default 64, or 16 under
+  ``TRITON_INTERPRET=1``): the tile shape of the fused condensation regularizer (powers of two >= 16; BLOCK_N is
+  raised to the next power of two of k).
 """
 
 from __future__ import annotations
@@ -31,3 +34,42 @@ AUTOTUNE = _env_int("SPARSE_ATTENTION_AUTOTUNE", 1) == 1 and not INTERPRET
 # Head dims the kernels handle; other dims up to the maximum are padded to the next power of two.
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
+
+# Prefill kernel tile configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (Lq, Lk) power-of-two bucket,
+# head dim, causal, mask kind, placement and vmc. The first is the one kept when SPARSE_ATTENTION_AUTOTUNE=0. Configs
+# whose estimated shared memory does not fit the device for the call's head dim and dtype are pruned at launch.
+PREFILL_CONFIGS = (
+    (128, 64, 8, 3),
+    (128, 64, 4, 2),
+    (128, 32, 4, 3),
+    (64, 64, 4, 3),
+    (64, 32, 4, 2),
+    (64, 32, 4, 1),
+    (32, 32, 4, 1),
+)
+# The single prefill config under TRITON_INTERPRET=1: small tiles keep several tiles per row in small tests.
+PREFILL_INTERPRET_CONFIG = (32, 16, 4, 1)
+
+# Condensation regularizer (kernels/regularizer.py). One tile shape serves its forward and both backward kernels and is
+# never autotuned: the backward recomputes each score and compares it bit for bit with the forward's top-k threshold.
+# The running top-k buffer is [BLOCK_M, BLOCK_N] registers, hence the bound on k.
+REGULARIZER_MAX_K = 128
+REGULARIZER_BLOCK_M = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_M", 16 if INTERPRET else 64)
+REGULARIZER_BLOCK_N = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_N", 16 if INTERPRET else 64)
+
+# Decode (kernels/decode.py): split-K flash-decoding.
+# (num_warps, num_stages) of the decode split kernels; the first is used when autotuning is off.
+DECODE_WARPS_STAGES = ((4, 2), (4, 3), (8, 2), (2, 2))
+# Bytes of one K (or V) tile: BLOCK_N = DECODE_TILE_BYTES / (head dim · element size), clamped to 16..128 keys.
+DECODE_TILE_BYTES = 16384
+# Split count: aim for this many programs per SM (several, because a tile's V load waits on its own scores), but give
+# no split fewer keys than the minimum. Not yet tuned on a GPU.
+DECODE_PROGRAMS_PER_SM = 4
+DECODE_MIN_KEYS_PER_SPLIT = 256
+DECODE_MAX_SPLITS = 64
+# Most packed query rows (query heads of a kv group x query rows) per program; wider groups run in row blocks.
+DECODE_MAX_BLOCK_M = 64
+# Splits the combine kernel merges per step, and keys per step of the scans over whole rows (mask counts, kept-V-row
+# flags).
+DECODE_COMBINE_BLOCK_S = 16
+DECODE_SCAN_BLOCK_K = 1024
