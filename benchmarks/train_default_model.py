@@ -83,7 +83,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
 
     # No prefix space: code is whitespace-sensitive and decode(encode(x)) must give x back exactly.
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
         bos_token=EOS_TOKEN,
@@ -192,6 +194,8 @@ Documents are joined with `{EOS_TOKEN}`. The standard library is under the Pytho
 - Final training loss (mean of the last {f["last_n"]} steps): {f["final_train_loss"]:.4f}
 - Training wall time: {f["train_seconds"]:.0f} s ({f["train_seconds"] / 60:.1f} min) for the optimizer steps;
   {f["total_seconds"]:.0f} s for the whole script (tokenizer, tokenization, training, evaluation)
+- Training CPU time: {f["train_cpu_seconds"]:.0f} s for the optimizer steps (process CPU time; the wall time
+  exceeds it when other jobs share the machine)
 - Device: {f["device"]}; torch {f["torch"]}, transformers {f["transformers"]}, tokenizers {f["tokenizers"]}
 - Date: {f["date"]}
 - Command (from the repository root):
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     losses: list[float] = []
     model.train()
     train_start = time.perf_counter()
+    train_cpu_start = time.process_time()
     progress = tqdm(range(args.steps), desc="train", dynamic_ncols=True, mininterval=5.0)
     for step in progress:
         for group in optimizer.param_groups:
@@ -297,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
     progress.close()
     train_seconds = time.perf_counter() - train_start
+    train_cpu_seconds = time.process_time() - train_cpu_start
 
     ppl, eval_tokens = heldout_perplexity(model, streams["heldout"], args.eval_context, args.eval_windows, device)
     eval_windows = eval_tokens // (args.eval_context - 1)
@@ -336,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "last_n": last_n,
         "final_train_loss": sum(losses[-last_n:]) / last_n,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "total_seconds": time.perf_counter() - script_start,
         "device": _device_description(device),
         "torch": torch.__version__,
