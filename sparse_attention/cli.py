@@ -94,11 +94,31 @@ def _write_report(args, records, extra: dict) -> None:
     )
 
 
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def _meta(args, model, calibration, heldout) -> dict:
+    import platform
+
     import torch
+    import transformers
+    import triton
 
     return {
-        "command": "python -m sparse_attention " + " ".join(sys.argv[1:]),
+        "command": " ".join(["sparse-attention", *args.argv]),
         "model": str(args.model or "shipped default"),
         "model_type": model.config.model_type,
         "layers": model.config.num_hidden_layers,
@@ -107,7 +127,11 @@ def _meta(args, model, calibration, heldout) -> dict:
         "heldout_windows": int(heldout.shape[0]),
         "calibration_windows": None if calibration is None else int(calibration.shape[0]),
         "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "commit": _git_commit(),
         "device": str(args.device or "cpu"),
+        "processor": platform.processor() or platform.machine(),
     }
 
 
@@ -232,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.k is None:
         args.k = args.k_default
     if args.seq_len is not None and args.seq_len < 2:

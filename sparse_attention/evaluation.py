@@ -28,7 +28,8 @@ def token_windows(tokenizer, texts: Sequence[str], seq_len: int, max_windows: in
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text)["input_ids"])
+        # verbose=False: long documents are cut into windows below, so the max-length warning does not apply.
+        ids.extend(tokenizer(text, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
     n = len(ids) // seq_len

@@ -62,7 +62,8 @@ def test_demo_writes_report(tiny_model_dir, text_dir, tmp_path, capsys):
         assert set(r["per_layer"]) == {"0", "1", "2"}
     topk4 = report["records"][1]
     assert topk4["kept_per_k"] == pytest.approx(1.0)  # exact top-k keeps exactly k of each long row
-    assert report["command"].startswith("python -m sparse_attention")
+    assert report["command"].startswith("sparse-attention demo --model")
+    assert report["commit"] and report["torch"] and report["triton"]
 
 
 def test_calibrate_then_evaluate(tiny_model_dir, text_dir, tmp_path, capsys):
