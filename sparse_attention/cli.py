@@ -194,9 +194,30 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import train_command
+    from .training import finetune
 
-    return train_command(args)
+    texts = _texts(args, "train")
+    model, tokenizer = _load(args)
+    every = max(1, args.steps // 20)
+
+    def log(entry) -> None:
+        if entry.step % every == 0 or entry.step == args.steps - 1:
+            print(entry, flush=True)
+
+    history = finetune(
+        model, tokenizer, texts, k=args.k[0], lam=args.lam, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, seq_len=_seq_len(args, model), kind=args.kind, dense_layers=args.dense_layers,
+        warmup=args.warmup, device=args.device, seed=args.seed, backend=args.backend, progress=not args.quiet,
+        log=log,
+    )  # fmt: skip
+    out = Path(args.out)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    meta = {"command": " ".join(["sparse-attention", *args.argv]), "k": args.k[0], "lam": args.lam}
+    (out / "train_log.json").write_text(json.dumps({**meta, "steps": [e.to_dict() for e in history]}, indent=1))
+    print(f"wrote the fine-tuned checkpoint and train_log.json to {out}")
+    return 0
 
 
 def _k_list(text: str) -> list[int]:

@@ -314,7 +314,7 @@ def top_theta_attention_forward(
         visible = _visible_mask(attn_mask, causal, q_offset, lq, lk, query.device)
         cond = condensation_for(module)
         if cond is not None:
-            cond.record(module, query, key, visible)
+            cond.record(module, query, key, visible, scale=scale)
         out = _dense_sdpa(query, key, value, visible, scale, dropout)
         return out.transpose(1, 2).contiguous(), None
 

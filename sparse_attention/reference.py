@@ -35,12 +35,13 @@ def visible_keys(
     return vis.expand(b, hq, stop - start, lk)
 
 
-def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · q kᵀ`` in float32 for ``q [B, Hq, M, D]`` and GQA keys ``k [B, Hkv, N, D]`` → ``[B, Hq, M, N]``."""
+def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale · q kᵀ`` in ``dtype`` (default float32) for ``q [B, Hq, M, D]`` and GQA keys ``k [B, Hkv, N, D]``
+    → ``[B, Hq, M, N]``."""
     b, hq, m, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
-    qg = q.float().reshape(b, hkv, hq // hkv, m, d)
-    s = torch.matmul(qg, k.float()[:, :, None].transpose(-1, -2))
+    qg = q.to(dtype).reshape(b, hkv, hq // hkv, m, d)
+    s = torch.matmul(qg, k.to(dtype)[:, :, None].transpose(-1, -2))
     return (s * scale).reshape(b, hq, m, n)
 
 

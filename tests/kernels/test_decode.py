@@ -8,10 +8,10 @@ bfloat16, long caches and the automatic split count run in the GPU-marked tests.
 import pytest
 import torch
 from sa_testing import assert_close_to_oracle, left_padding_mask, make_qkv, oracle_top_theta, quantile_theta
-from sparse_attention.kernels import config
-from sparse_attention.kernels.decode import top_theta_decode
 
 from sparse_attention import reference, top_theta_attention
+from sparse_attention.kernels import config
+from sparse_attention.kernels.decode import top_theta_decode
 from sparse_attention.validation import prepare_call
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

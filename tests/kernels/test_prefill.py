@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 from sa_testing import assert_close_to_oracle, left_padding_mask, make_qkv, oracle_top_theta
-from sparse_attention.kernels import config, prefill
-from sparse_attention.kernels.prefill import top_theta_prefill
 
 from sparse_attention import reference, top_theta_attention
+from sparse_attention.kernels import config, prefill
+from sparse_attention.kernels.prefill import top_theta_prefill
 from sparse_attention.validation import prepare_call
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

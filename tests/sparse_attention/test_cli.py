@@ -147,3 +147,14 @@ def test_default_model_demo_runs_offline(tmp_path):
     records = json.loads((out / "report.json").read_text())["records"]
     assert records[-1]["method"] == "top-theta" and records[-1]["kept_fraction_pruned_layers"] < 1.0
     assert torch.isfinite(torch.tensor([r["perplexity"] for r in records])).all()
+
+
+def test_train_saves_a_checkpoint_and_log(tiny_model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "trained"
+    argv = ["train", "--model", str(tiny_model_dir), "--text", str(text_dir), "--k", "4", "--steps", "4"]
+    assert main([*argv, "--seq-len", "32", "--batch-size", "2", "--lam", "0.5", "--out", str(out), "--quiet"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert [s["step"] for s in log["steps"]] == [0, 1, 2, 3]
+    assert all(0.0 < s["topk_mass"] <= 1.0 and s["lm_loss"] > 0 for s in log["steps"])
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert "wrote the fine-tuned checkpoint" in capsys.readouterr().out
