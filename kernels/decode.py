@@ -45,19 +45,10 @@ import triton
 import triton.language as tl
 
 from . import config
+from .common import LOG2E, SDC_CALIBRATED, SDC_CODES, SDC_NONE, SDC_THRESHOLD, check_attention_inputs
 
-LOG2E = tl.constexpr(1.4426950408889634)
 NEG_INF = tl.constexpr(float("-inf"))
 
-# Softmax denominator compensation modes, as kernel constants.
-SDC_EXACT = tl.constexpr(0)
-SDC_NONE = tl.constexpr(1)
-SDC_THRESHOLD = tl.constexpr(2)
-SDC_CALIBRATED = tl.constexpr(3)
-_SDC_CODES = {"exact": SDC_EXACT.value, "none": SDC_NONE.value, "threshold": SDC_THRESHOLD.value,
-              "calibrated": SDC_CALIBRATED.value}  # fmt: skip
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
 _MIN_BLOCK_N = 16
 _MAX_BLOCK_N = 128
@@ -74,14 +65,29 @@ def _autotune_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _program_rows(hkv, rb, GROUP: tl.constexpr, LQ: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The packed rows of one program: row ``r`` of kv group ``hkv`` is query head ``hkv·G + r // Lq``, query row
-    ``r % Lq``; row block ``rb`` holds rows ``rb·BLOCK_M ...``."""
+def _program_queries(q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hq, head_dim, num_row_blocks,
+                     GROUP: tl.constexpr, LQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """The kv group ``hkv``, batch ``b`` and packed query rows of a (key split, kv group x row block, batch) program.
+
+    Row ``r`` of kv group ``hkv`` is query head ``hkv·G + r // Lq``, query row ``r % Lq``; row block ``rb`` holds rows
+    ``rb·BLOCK_M ...``. Returns ``(hkv, b, row_ok, head, qi, qrow, offs_d, d_ok, q)`` with ``qrow`` the rows' index
+    in ``[B, Hq, Lq]`` and ``q`` their ``[BLOCK_M, HEAD_DIM]`` queries (zero-padded)."""
+    hkv = (tl.program_id(1) // num_row_blocks).to(tl.int64)
+    rb = tl.program_id(1) % num_row_blocks
+    b = tl.program_id(2).to(tl.int64)
     offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     row_ok = offs_m < GROUP * LQ
     head = hkv * GROUP + offs_m // LQ
     qi = offs_m % LQ
-    return row_ok, head, qi
+    qrow = (b * Hq + head) * LQ + qi  # [BLOCK_M]
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < head_dim
+    q = tl.load(
+        q_ptr + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_M, HEAD_DIM]
+    return hkv, b, row_ok, head, qi, qrow, offs_d, d_ok, q
 
 
 @triton.jit
@@ -225,18 +231,9 @@ def _decode_lse_kernel(
 ):  # fmt: skip
     """Placement "post", first pass: per split, the max and the denominator over the visible keys (reads K only)."""
     pid_s = tl.program_id(0)
-    hkv = (tl.program_id(1) // num_row_blocks).to(tl.int64)
-    rb = tl.program_id(1) % num_row_blocks
-    b = tl.program_id(2).to(tl.int64)
-    row_ok, head, qi = _program_rows(hkv, rb, GROUP, LQ, BLOCK_M)
-    qrow = (b * Hq + head) * LQ + qi  # [BLOCK_M] row index in [B, Hq, Lq]
-    offs_d = tl.arange(0, HEAD_DIM)
-    d_ok = offs_d < head_dim
-    q = tl.load(
-        q_ptr + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )  # [BLOCK_M, HEAD_DIM]
+    hkv, b, row_ok, head, qi, qrow, offs_d, d_ok, q = _program_queries(
+        q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hq, head_dim, num_row_blocks, GROUP, LQ, HEAD_DIM, BLOCK_M
+    )
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
     mask_base = mask_ptr + b * stride_mb + head * stride_mh + qi * stride_mm  # [BLOCK_M]
     last_key = q_offset + qi
@@ -275,18 +272,9 @@ def _decode_split_kernel(
 ):  # fmt: skip
     """One key split of one kv group: scores, thresholds, kept-row V loads, partial results per packed row."""
     pid_s = tl.program_id(0)
-    hkv = (tl.program_id(1) // num_row_blocks).to(tl.int64)
-    rb = tl.program_id(1) % num_row_blocks
-    b = tl.program_id(2).to(tl.int64)
-    row_ok, head, qi = _program_rows(hkv, rb, GROUP, LQ, BLOCK_M)
-    qrow = (b * Hq + head) * LQ + qi  # [BLOCK_M] row index in [B, Hq, Lq]
-    offs_d = tl.arange(0, HEAD_DIM)
-    d_ok = offs_d < head_dim
-    q = tl.load(
-        q_ptr + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )  # [BLOCK_M, HEAD_DIM]
+    hkv, b, row_ok, head, qi, qrow, offs_d, d_ok, q = _program_queries(
+        q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hq, head_dim, num_row_blocks, GROUP, LQ, HEAD_DIM, BLOCK_M
+    )
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
     v_base = v_ptr + b * stride_vb + hkv * stride_vh
     mask_base = mask_ptr + b * stride_mb + head * stride_mh + qi * stride_mm  # [BLOCK_M]
@@ -473,70 +461,12 @@ def _compact(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _check(query, key, value, theta, sdc_table, attn_mask, placement, sdc, out, num_splits, block_n) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 ([B, H, L, D]), got shape {tuple(t.shape)}")
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}; cast all three to one dtype")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}; move all three to one device")
-    if query.dtype not in _DTYPES:
-        raise TypeError(
-            f"query dtype {query.dtype} is not supported by the decode kernel; use float16, bfloat16 or float32"
-        )
-    if query.device.type != "cuda" and not config.INTERPRET:
-        raise ValueError(
-            f"tensors are on {query.device}; the decode kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "sparse_attention is imported to run it on CPU"
-        )
-    b, hq, _, d = query.shape
-    if key.shape[0] != b or value.shape[0] != b:
-        raise ValueError(f"key/value batch sizes {key.shape[0]}/{value.shape[0]} must equal the query batch size {b}")
-    if key.shape != value.shape:
-        raise ValueError(f"value shape {tuple(value.shape)} must equal key shape {tuple(key.shape)}")
-    if key.shape[3] != d:
-        raise ValueError(f"key/value head dim {key.shape[3]} must equal the query head dim {d}")
-    if key.shape[1] == 0 or hq % key.shape[1]:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({key.shape[1]})")
-    if not config.MIN_HEAD_DIM <= d <= config.MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dim {d} is outside the decode kernel's range {config.MIN_HEAD_DIM}..{config.MAX_HEAD_DIM}"
-        )
-    if placement not in ("pre", "post"):
-        raise ValueError(f"placement must be 'pre' or 'post', got {placement!r}")
-    if sdc not in _SDC_CODES:
-        raise ValueError(f"sdc must be one of {', '.join(map(repr, _SDC_CODES))}; got {sdc!r}")
-    if placement == "post" and sdc != "exact":
-        raise ValueError("placement='post' always normalises by the full softmax denominator; use sdc='exact'")
-    for name, table in (("theta", theta), ("sdc_table", sdc_table)):
-        if table is None:
-            continue
-        if not isinstance(table, torch.Tensor) or table.dtype != torch.float32 or table.dim() != 2:
-            raise TypeError(
-                f"{name} must be a float32 [Hq, T] tensor; normalise it with sparse_attention.validation.prepare_call"
-            )
-        if table.shape[0] != hq or table.shape[1] == 0 or table.device != query.device:
-            raise ValueError(
-                f"{name} must be [Hq={hq}, T>=1] on {query.device}, got {tuple(table.shape)} on {table.device}"
-            )
-    if (sdc == "calibrated") != (sdc_table is not None) and theta is not None:
-        raise ValueError("sdc_table is required with sdc='calibrated' and only used with it")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
-            raise TypeError("attn_mask must be a boolean tensor (True = attend)")
-        if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if out.shape != query.shape or out.dtype != query.dtype or out.device != query.device:
-            raise ValueError(
-                f"out must match query (shape {tuple(query.shape)}, {query.dtype}, {query.device}); got shape "
-                f"{tuple(out.shape)}, {out.dtype}, {out.device}"
-            )
+def _check(query, key, value, theta, sdc_table, attn_mask, k_dense, scale, q_offset, placement, sdc, out, num_splits,
+           block_n) -> None:  # fmt: skip
+    check_attention_inputs(
+        "decode", query, key, value, theta, sdc_table, attn_mask,
+        k_dense=k_dense, scale=scale, q_offset=q_offset, placement=placement, sdc=sdc, out=out,
+    )  # fmt: skip
     for name, value_ in (("num_splits", num_splits), ("block_n", block_n)):
         if value_ is not None and (isinstance(value_, bool) or not isinstance(value_, int) or value_ < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value_!r}")
@@ -589,21 +519,17 @@ def top_theta_decode(
 
     Raises:
         TypeError: non-tensors, unsupported or mismatched dtypes, tables not float32 ``[Hq, T]``, a non-bool mask.
-        ValueError: bad ranks, shapes, devices, head dims, choices, ``out``, ``num_splits`` or ``block_n``, CPU
-            tensors without the interpreter, or a mask that does not broadcast.
+        ValueError: bad ranks, shapes, devices, head dims, choices, ``k_dense``, ``scale``, ``q_offset``, ``out``,
+            ``num_splits`` or ``block_n``, CPU tensors without the interpreter, or a mask that does not broadcast.
     """
-    _check(query, key, value, theta, sdc_table, attn_mask, placement, sdc, out, num_splits, block_n)
+    _check(query, key, value, theta, sdc_table, attn_mask, k_dense, scale, q_offset, placement, sdc, out, num_splits,
+           block_n)  # fmt: skip
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     group = hq // hkv
     device = query.device
     if attn_mask is not None:
-        try:
-            attn_mask = attn_mask.expand(b, hq, lq, lk)
-        except RuntimeError:
-            raise ValueError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lk] = {(b, hq, lq, lk)}"
-            ) from None
+        attn_mask = attn_mask.expand(b, hq, lq, lk)
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     kept = visible = kv_rows = None
@@ -691,7 +617,7 @@ def top_theta_decode(
         visible if return_stats else part_count, kv_rows if return_stats else part_count,
         *out.stride(), hq, lk, d, num_splits, mask_rows, n_stride_h, theta_len, table_len, k_dense, q_offset,
         GROUP=group, LQ=lq, HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_K=config.DECODE_SCAN_BLOCK_K,
-        CAUSAL=causal, HAS_MASK=attn_mask is not None, HAS_THETA=has_theta, SDC=_SDC_CODES[sdc], POST=post,
+        CAUSAL=causal, HAS_MASK=attn_mask is not None, HAS_THETA=has_theta, SDC=SDC_CODES[sdc], POST=post,
         VMC=vmc, STATS=return_stats,
     )  # fmt: skip
     return out, kept, visible, kv_rows

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from . import config
+from .common import LOG2E, SDC_CALIBRATED, SDC_CODES, SDC_NONE, SDC_THRESHOLD, check_attention_inputs
 
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E)
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32, keeps log2 finite
 
 # How the boolean attention mask is read.
@@ -39,13 +39,6 @@ MASK_NONE = tl.constexpr(0)  # causal / length limits only
 MASK_KEYS = tl.constexpr(1)  # one key row per batch ([B, 1, 1, Lk] padding mask): per-tile [BLOCK_N] loads
 MASK_FULL = tl.constexpr(2)  # anything else: per-tile [BLOCK_M, BLOCK_N] loads through the mask's strides
 
-# Softmax denominator compensation modes, numbered in the order of validation.SDC_MODES.
-SDC_CODES = {"exact": 0, "none": 1, "threshold": 2, "calibrated": 3}
-SDC_NONE = tl.constexpr(1)
-SDC_THRESHOLD = tl.constexpr(2)
-SDC_CALIBRATED = tl.constexpr(3)
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535  # CUDA limit on the second grid dimension, which holds batch x query heads
 
 
@@ -84,6 +77,20 @@ def _tile_scores(
         vis = vis & (bits != 0)
     s2 = tl.where(vis, s * LOG2E, float("-inf"))
     return s, s2, vis
+
+
+@triton.jit
+def _v_tile(v_base, cols, offs_d, lk, head_dim, stride_vn, stride_vd, EVEN_D: tl.constexpr, DIAG: tl.constexpr):
+    """The ``[BLOCK_N, HEAD_DIM]`` V tile of keys ``cols``, zero-padded; as in ``_tile_scores``, only ``DIAG`` tiles
+    may run past the last key."""
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if DIAG:
+        v = tl.load(v_ptrs, mask=(cols < lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    elif EVEN_D:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+    return v
 
 
 @triton.jit
@@ -174,25 +181,16 @@ def _pv_loop(
         if COUNT_KEPT:
             kept += tl.sum(keep_i, 1)
         walked += 1
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
         if VMC_IN_LOOP:
             # A general mask has no prefix sum of V, so the visible V rows are summed here from every walked tile.
-            if DIAG:
-                v = tl.load(v_ptrs, mask=(cols < lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
-            else:
-                v = tl.load(v_ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            v = _v_tile(v_base, cols, offs_d, lk, head_dim, stride_vn, stride_vd, EVEN_D, DIAG)
             v_sum += tl.dot(vis.to(v.dtype), v, input_precision=DOT_PRECISION)
             if tl.max(keep_i) > 0:
                 acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             else:
                 skipped += 1
         elif tl.max(keep_i) > 0:
-            if DIAG:
-                v = tl.load(v_ptrs, mask=(cols < lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
-            elif EVEN_D:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            v = _v_tile(v_base, cols, offs_d, lk, head_dim, stride_vn, stride_vd, EVEN_D, DIAG)
             acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
             skipped += 1
@@ -425,76 +423,13 @@ def _length_bucket(length: int) -> int:
 
 
 def _check_inputs(query, key, value, theta, sdc_table, attn_mask, k_dense, scale, q_offset, placement, sdc, out):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 ([B, H, L, D]), got shape {tuple(t.shape)}")
-        if t.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; the prefill kernel takes float16, bfloat16 or float32")
-    device = query.device
-    if device.type != "cuda" and not config.INTERPRET:
-        raise ValueError(
-            f"query is on {device}; the prefill kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "sparse_attention is imported to run it on CPU"
-        )
-    for name, t in (("key", key), ("value", value)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but query is on {device}; move both to one device")
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}; cast both to one dtype")
-    b, hq, lq, d = query.shape
-    if key.shape[0] != b or key.shape[3] != d:
-        raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)} in B or D")
-    if value.shape != key.shape:
-        raise ValueError(f"value shape {tuple(value.shape)} must equal key shape {tuple(key.shape)}")
-    hkv = key.shape[1]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(
-            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention"
-        )
-    if not config.MIN_HEAD_DIM <= d <= config.MAX_HEAD_DIM:
-        raise ValueError(
-            f"query head dim {d} is not supported by the prefill kernel; "
-            f"use {config.MIN_HEAD_DIM}..{config.MAX_HEAD_DIM}"
-        )
+    check_attention_inputs(
+        "prefill", query, key, value, theta, sdc_table, attn_mask,
+        k_dense=k_dense, scale=scale, q_offset=q_offset, placement=placement, sdc=sdc, out=out,
+    )  # fmt: skip
+    b, hq = query.shape[:2]
     if b * hq > _MAX_GRID_Y:
         raise ValueError(f"query has B * Hq = {b * hq} (batch x heads) > {_MAX_GRID_Y}; split the batch")
-    if placement not in ("pre", "post"):
-        raise ValueError(f"placement must be 'pre' or 'post', got {placement!r}")
-    if sdc not in SDC_CODES:
-        raise ValueError(f"sdc must be one of {', '.join(map(repr, SDC_CODES))}; got {sdc!r}")
-    if placement == "post" and sdc != "exact":
-        raise ValueError("placement='post' always normalises by the full softmax denominator; use sdc='exact'")
-    if isinstance(k_dense, bool) or not isinstance(k_dense, int) or k_dense < 0:
-        raise ValueError(f"k_dense must be a non-negative int, got {k_dense!r}")
-    if isinstance(q_offset, bool) or not isinstance(q_offset, int):
-        raise ValueError(f"q_offset must be an int, got {q_offset!r}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale != scale or abs(scale) == float("inf"):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
-    for name, table in (("theta", theta), ("sdc_table", sdc_table)):
-        if table is None:
-            continue
-        if not isinstance(table, torch.Tensor) or table.dtype != torch.float32 or table.dim() != 2:
-            raise TypeError(f"{name} must be a float32 [Hq, T] tensor (see prepare_call), got {table!r:.80}")
-        if table.shape[0] != hq or table.shape[1] < 1:
-            raise ValueError(f"{name} must have shape [Hq={hq}, T>=1], got {tuple(table.shape)}")
-        if table.device != device:
-            raise ValueError(f"{name} is on {table.device} but query is on {device}")
-    if sdc == "calibrated" and theta is not None and sdc_table is None:
-        raise ValueError("sdc='calibrated' needs sdc_table (the calibrated mean dropped mass, [Hq, T])")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
-            raise TypeError("attn_mask must be a boolean torch.Tensor (True = attend)")
-        if attn_mask.device != device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {device}")
-        if attn_mask.dim() > 4:
-            raise ValueError(f"attn_mask must have rank <= 4, got shape {tuple(attn_mask.shape)}")
-    if out is not None:
-        if not isinstance(out, torch.Tensor) or out.shape != query.shape or out.dtype != query.dtype:
-            raise ValueError(f"out must be a tensor of shape {tuple(query.shape)} and dtype {query.dtype}")
-        if out.device != device:
-            raise ValueError(f"out is on {out.device} but query is on {device}")
 
 
 def top_theta_prefill(
@@ -524,7 +459,7 @@ def top_theta_prefill(
         query: ``[B, Hq, Lq, D]``; key, value: ``[B, Hkv, Lk, D]``; float16, bfloat16 or float32, any strides, on a
             CUDA device (or the CPU under ``TRITON_INTERPRET=1``). ``16 <= D <= 256``.
         theta: ``None`` (dense) or float32 ``[Hq, T]``: row i of head h uses ``theta[h, min(n_i, T) - 1]``.
-        sdc_table: float32 ``[Hq, T']`` for ``sdc="calibrated"``, else ignored.
+        sdc_table: float32 ``[Hq, T']`` with ``sdc="calibrated"`` (and a theta), else ``None``.
         attn_mask: ``None`` or a boolean mask broadcastable to ``[B, Hq, Lq, Lk]`` (True = attend); broadcast views
             are read through their strides, never materialised.
         k_dense: rows with ``n_i <= k_dense`` are never pruned. scale: score scale. causal, q_offset: row i sees key
@@ -544,7 +479,8 @@ def top_theta_prefill(
         TypeError: a non-tensor, a dtype other than float16/bfloat16/float32, mismatched dtypes, a non-bool mask,
             a malformed threshold table.
         ValueError: a head dim outside 16..256, tensors on different devices, CPU tensors without the interpreter,
-            bad shapes, an unknown ``placement`` or ``sdc``, a bad ``out`` buffer.
+            bad shapes, an unknown ``placement`` or ``sdc``, a missing or unexpected ``sdc_table``, a mask that does
+            not broadcast, a bad ``out`` buffer, ``B * Hq > 65535``.
     """
     _check_inputs(query, key, value, theta, sdc_table, attn_mask, k_dense, scale, q_offset, placement, sdc, out)
     b, hq, lq, d = query.shape

@@ -44,9 +44,9 @@ import triton
 import triton.language as tl
 
 from . import config
+from .common import KERNEL_DTYPES, unsupported_device
 
 KINDS = ("logmass", "mass")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Minimum tile side of tl.dot on GPUs.
 _MIN_DOT_SIDE = 16
 # Floor for sums of exponentials before their log: only rows with no visible key reach it (they are not regularized).
@@ -166,6 +166,43 @@ def _score_grad(s, lse_all, lse_top, thresh, tie_w, gamma):
 
 
 @triton.jit
+def _query_tile(
+    Q, K, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_mb, stride_mh,
+    num_heads, groups, seqlen_q, seqlen_k, head_dim, q_offset,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    """The query tile of a (query tile, batch x query head) program of the forward or the dQ kernel: ``(pid_bh, off_b,
+    off_h, offs_m, offs_d, q, k_base, mask_base, hi)``, ``hi`` the end of the keys its rows can see. Both kernels walk
+    the key tiles from 0, so they score every key on the same tile."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    off_hk = off_h // groups
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + q_offset)
+    return pid_bh, off_b, off_h, offs_m, offs_d, q, k_base, mask_base, hi
+
+
+@triton.jit
+def _row_stats(LseAll, LseTop, Thresh, TieW, Gamma, rows, in_range):
+    """The forward's statistics and the row weight of ``rows`` for a backward kernel. Rows past the end read as
+    unregularized ones (``+inf`` statistics, zero weight), so ``_score_grad`` gives them exact zeros."""
+    lse_all = tl.load(LseAll + rows, mask=in_range, other=float("inf"))
+    lse_top = tl.load(LseTop + rows, mask=in_range, other=float("inf"))
+    thresh = tl.load(Thresh + rows, mask=in_range, other=float("inf"))
+    tie_w = tl.load(TieW + rows, mask=in_range, other=0.0)
+    gamma = tl.load(Gamma + rows, mask=in_range, other=0.0)
+    return lse_all, lse_top, thresh, tie_w, gamma
+
+
+@triton.jit
 def _regularizer_fwd_kernel(
     Q,
     K,
@@ -204,18 +241,11 @@ def _regularizer_fwd_kernel(
     LOG_N: tl.constexpr,
     N_DIMS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
-    off_hk = off_h // groups
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, off_b, off_h, offs_m, offs_d, q, k_base, mask_base, hi = _query_tile(
+        Q, K, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_mb, stride_mh,
+        num_heads, groups, seqlen_q, seqlen_k, head_dim, q_offset, BLOCK_M, BLOCK_D, CAUSAL,
+    )  # fmt: skip
     offs_j = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    mask_base = Mask + off_b * stride_mb + off_h * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -224,9 +254,6 @@ def _regularizer_fwd_kernel(
     top_min = tl.full([BLOCK_M], float("-inf"), tl.float32)
     n_dropped = tl.zeros([BLOCK_M], tl.int32)
 
-    hi = seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + q_offset)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_j
         k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
@@ -301,30 +328,17 @@ def _regularizer_bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
-    off_hk = off_h // groups
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, off_b, off_h, offs_m, offs_d, q, k_base, mask_base, hi = _query_tile(
+        Q, K, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_mb, stride_mh,
+        num_heads, groups, seqlen_q, seqlen_k, head_dim, q_offset, BLOCK_M, BLOCK_D, CAUSAL,
+    )  # fmt: skip
     offs_j = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    mask_base = Mask + off_b * stride_mb + off_h * stride_mh
-    rows = pid_bh * seqlen_q + offs_m
     in_range = offs_m < seqlen_q
-    lse_all = tl.load(LseAll + rows, mask=in_range, other=float("inf"))
-    lse_top = tl.load(LseTop + rows, mask=in_range, other=float("inf"))
-    thresh = tl.load(Thresh + rows, mask=in_range, other=float("inf"))
-    tie_w = tl.load(TieW + rows, mask=in_range, other=0.0)
-    gamma = tl.load(Gamma + rows, mask=in_range, other=0.0)
+    lse_all, lse_top, thresh, tie_w, gamma = _row_stats(
+        LseAll, LseTop, Thresh, TieW, Gamma, pid_bh * seqlen_q + offs_m, in_range
+    )
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + q_offset)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_j
         k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
@@ -404,12 +418,9 @@ def _regularizer_bwd_dk_kernel(
         for start_m in range(lo, seqlen_q, BLOCK_M):
             offs_m = start_m + offs_i
             q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
-            in_range = offs_m < seqlen_q
-            lse_all = tl.load(LseAll + row_base + offs_m, mask=in_range, other=float("inf"))
-            lse_top = tl.load(LseTop + row_base + offs_m, mask=in_range, other=float("inf"))
-            thresh = tl.load(Thresh + row_base + offs_m, mask=in_range, other=float("inf"))
-            tie_w = tl.load(TieW + row_base + offs_m, mask=in_range, other=0.0)
-            gamma = tl.load(Gamma + row_base + offs_m, mask=in_range, other=0.0)
+            lse_all, lse_top, thresh, tie_w, gamma = _row_stats(
+                LseAll, LseTop, Thresh, TieW, Gamma, row_base + offs_m, offs_m < seqlen_q
+            )
             s, _ = _visible_scores(
                 q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, seqlen_q, seqlen_k, q_offset, scale,
                 CAUSAL, HAS_MASK, DOT_PRECISION,
@@ -427,12 +438,10 @@ def _regularizer_bwd_dk_kernel(
 
 def unsupported_reason(query: torch.Tensor, k: int) -> str | None:
     """Why the fused kernels cannot run a regularizer call on ``query`` with this ``k`` (``None`` when they can)."""
-    if query.device.type != "cuda" and not config.INTERPRET:
-        return (
-            f"tensors are on {query.device}; the fused regularizer needs CUDA tensors, or TRITON_INTERPRET=1 set "
-            "before sparse_attention is imported to run it on CPU"
-        )
-    if query.dtype not in _DTYPES:
+    reason = unsupported_device(query.device, "fused regularizer")
+    if reason is not None:
+        return reason
+    if query.dtype not in KERNEL_DTYPES:
         return f"query dtype {query.dtype} is not supported by the fused regularizer (use float16, bfloat16 or float32)"
     if query.shape[-1] > config.MAX_HEAD_DIM:
         return f"head dim {query.shape[-1]} exceeds the fused regularizer's maximum {config.MAX_HEAD_DIM}"

@@ -7,8 +7,10 @@ from sparse_attention.validation import head_table, prepare_call
 
 
 def _qkv(b=1, hq=4, hkv=2, lq=3, lk=5, d=16, dtype=torch.float32):
-    return torch.randn(b, hq, lq, d, dtype=dtype), torch.randn(b, hkv, lk, d, dtype=dtype), torch.randn(
-        b, hkv, lk, d, dtype=dtype
+    return (
+        torch.randn(b, hq, lq, d, dtype=dtype),
+        torch.randn(b, hkv, lk, d, dtype=dtype),
+        torch.randn(b, hkv, lk, d, dtype=dtype),
     )
 
 
@@ -30,9 +32,7 @@ BAD = [
     pytest.param(
         lambda q, k, v: ((q, k, v), {"sdc_table": torch.ones(4, 2)}), ValueError, "only used", id="sdc-table-unused"
     ),
-    pytest.param(
-        lambda q, k, v: ((q, k, v), {"placement": "post", "sdc": "none"}), ValueError, "post", id="post-sdc"
-    ),
+    pytest.param(lambda q, k, v: ((q, k, v), {"placement": "post", "sdc": "none"}), ValueError, "post", id="post-sdc"),
     pytest.param(lambda q, k, v: ((q, k, v, torch.ones(3)), {}), ValueError, "theta has 3", id="theta-heads"),
     pytest.param(lambda q, k, v: ((q, k, v, torch.ones(3, 7)), {}), ValueError, "theta has 3", id="theta-heads-2d"),
     pytest.param(lambda q, k, v: ((q, k, v, torch.ones(4, 0)), {}), ValueError, "at least one", id="theta-empty"),
