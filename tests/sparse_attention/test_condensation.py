@@ -6,6 +6,7 @@ the attention probabilities that transformers' eager implementation returns (``o
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -13,8 +14,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import sparse_attention  # noqa: F401  (registers "top_theta")
-from sparse_attention import condensation as condensation_module
 from sparse_attention.condensation import DEFAULT_DENSE_LAYERS, Condensation, active_for, condensation
+
+# The package exports the function `condensation`, which shadows the submodule's attribute name.
+condensation_module = importlib.import_module("sparse_attention.condensation")
 
 VOCAB = 64
 
