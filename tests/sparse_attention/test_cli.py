@@ -64,6 +64,8 @@ def test_demo_writes_report(tiny_model_dir, text_dir, tmp_path, capsys):
     assert topk4["kept_per_k"] == pytest.approx(1.0)  # exact top-k keeps exactly k of each long row
     assert report["command"].startswith("sparse-attention demo --model")
     assert report["commit"] and report["torch"] and report["triton"]
+    pytest.importorskip("matplotlib")
+    assert (out / "report.png").stat().st_size > 1000
 
 
 def test_calibrate_then_evaluate(tiny_model_dir, text_dir, tmp_path, capsys):
