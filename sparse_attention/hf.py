@@ -269,7 +269,24 @@ def _mask_arguments(attention_mask, lq: int, lk: int, is_causal: bool):
     if mask.dim() == 2:
         mask = mask[:, None, None, :]
     mask = mask[..., :lk]
-    return mask, False, 0
+    return _split_causal_padding(mask, lq, lk)
+
+
+def _split_causal_padding(mask: torch.Tensor, lq: int, lk: int):
+    """Recognise transformers' usual prefill mask, bottom-right causal AND a per-batch key padding, and return it
+    as ``(padding [B, 1, 1, Lk] or None, True, Lk - Lq)``: the kernels then skip causally masked tiles by index
+    and never walk padded ones, instead of reading a full ``[B, 1, Lq, Lk]`` mask. Any other mask is returned as
+    is (``causal=False``). The check is exact, so the translation never changes results."""
+    if lq == 1 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != lq:
+        return mask, False, 0
+    q_offset = lk - lq
+    # With bottom-right causality the last query row sees every key, so it is the padding row.
+    padding = mask[:, :, -1:, :]
+    rows = torch.arange(lq, device=mask.device)[:, None] + q_offset
+    causal = torch.arange(lk, device=mask.device)[None, :] <= rows
+    if not bool((mask == (causal & padding)).all()):
+        return mask, False, 0
+    return (None if bool(padding.all()) else padding), True, q_offset
 
 
 def _dense_sdpa(query, key, value, visible: torch.Tensor | None, scale: float, dropout: float) -> torch.Tensor:

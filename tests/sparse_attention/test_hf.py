@@ -246,3 +246,27 @@ def test_triton_backend_generates_the_reference_tokens(name, calibrated):
     assert stats.kept_v_fraction(include_dense=False) < 1.0
     assert torch.equal(model.generate(**kwargs, cache_implementation="static"), expected)
     hf.configure(model, None)
+
+
+def test_causal_padding_masks_become_causal_plus_key_padding():
+    lq = lk = 6
+    causal = torch.ones(lq, lk, dtype=torch.bool).tril()
+    padding = torch.ones(2, 1, 1, lk, dtype=torch.bool)
+    padding[1, ..., :2] = False
+    mask, is_causal, q_offset = hf._mask_arguments((causal & padding).expand(2, 1, lq, lk), lq, lk, True)
+    assert is_causal and q_offset == 0 and mask.shape == (2, 1, 1, lk) and torch.equal(mask, padding)
+    # No padding at all: plain causal, no mask.
+    assert hf._mask_arguments(causal[None, None].expand(2, 1, lq, lk), lq, lk, True) == (None, True, 0)
+    # With a cache (Lk > Lq) the causal part is bottom-right aligned.
+    rows = torch.arange(3)[:, None] + 5
+    cached = (torch.arange(8)[None, :] <= rows)[None, None] & torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    assert hf._mask_arguments(cached, 3, 8, True) == (None, True, 5)
+    # Anything else (here a top-left causal mask with Lk > Lq, as in a static-cache prefill) stays a full mask.
+    top_left = (torch.arange(8)[None, :] <= torch.arange(3)[:, None])[None, None]
+    mask, is_causal, _ = hf._mask_arguments(top_left, 3, 8, True)
+    assert not is_causal and torch.equal(mask, top_left)
+    # A mask with a hole is not mistaken for causal + padding.
+    holed = (causal & padding).clone()
+    holed[0, 0, 4, 1] = False
+    mask, is_causal, _ = hf._mask_arguments(holed, lq, lk, True)
+    assert not is_causal and torch.equal(mask, holed)
