@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .hooks import use_top_theta
 from .validation import PLACEMENTS, SDC_MODES
 
 
@@ -38,12 +39,9 @@ def _load(args):
     source = args.model or DEFAULT_MODEL_DIR
     model, tokenizer = load_model_and_tokenizer(source, attn_implementation="eager", device=args.device)
     try:
-        from .hf import ensure_registered
-
-        ensure_registered()
-        model.set_attn_implementation("top_theta")
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise UsageError(f"model {source} cannot use the top_theta attention backend: {exc}") from None
+        use_top_theta(model)
+    except ValueError as exc:
+        raise UsageError(f"model {source}: {exc}") from None
     model.set_attn_implementation("eager")
     return model, tokenizer
 
@@ -186,7 +184,7 @@ def cmd_evaluate(args) -> int:
     elif model_settings(model.config) is None:
         raise UsageError("the model has no Top-θ configuration: pass --thresholds FILE (from the calibrate command)")
     else:
-        model.set_attn_implementation("top_theta")
+        use_top_theta(model)
     heldout = token_windows(tokenizer, texts, _seq_len(args, model), args.windows)
     records = evaluate_configured(model, heldout, new_tokens=args.new_tokens, batch_size=args.batch_size)
     _write_report(args, records, _meta(args, model, None, heldout))

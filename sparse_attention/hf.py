@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .functional import dispatch
-from .hooks import ModelContext
+from .hooks import ModelContext, use_top_theta
 from .reference import topk_attention
 from .thresholds import Thresholds
 from .validation import BACKENDS, SDC_MODES, prepare_call
@@ -423,9 +423,8 @@ def configure(model, thresholds: Thresholds | None, *, sdc: str = "exact", vmc: 
             raise ValueError("placement='post' always normalises by the full softmax denominator; use sdc='exact'")
         if sdc == "calibrated" and thresholds.sdc_table is None:
             raise ValueError("sdc='calibrated' needs thresholds calibrated with an sdc table")
+    use_top_theta(model)
     model.config.top_theta = ModelSettings(thresholds, sdc=sdc, vmc=bool(vmc), backend=backend).to_dict()
-    ensure_registered()
-    model.set_attn_implementation(BACKEND_NAME)
     return model
 
 

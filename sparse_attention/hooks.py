@@ -18,6 +18,26 @@ def attention_implementation(model) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
+def use_top_theta(model) -> None:
+    """Switch ``model`` to ``attn_implementation="top_theta"``; raise ``ValueError`` when it cannot use it.
+
+    transformers only logs a warning (and keeps the old implementation) for models whose attention does not go
+    through ``AttentionInterface``, which would silently leave them dense: that is turned into an error here.
+    """
+    from .hf import BACKEND_NAME, ensure_registered
+
+    ensure_registered()
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise ValueError(f"{type(model).__name__} is not a Hugging Face model with set_attn_implementation")
+    setter(BACKEND_NAME)
+    if attention_implementation(model) != BACKEND_NAME:
+        raise ValueError(
+            f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
+            "so it cannot use attn_implementation='top_theta'"
+        )
+
+
 class ModelContext:
     """Base class: subclasses get their own registry of active contexts keyed by module."""
 
@@ -36,12 +56,9 @@ class ModelContext:
         self._modules: list[torch.nn.Module] = []
 
     def __enter__(self):
-        from .hf import ensure_registered
-
-        ensure_registered()
         if self._switch and attention_implementation(self.model) != "top_theta":
             self._previous = attention_implementation(self.model)
-            self.model.set_attn_implementation("top_theta")
+            use_top_theta(self.model)
         elif attention_implementation(self.model) != "top_theta":
             raise ValueError(
                 "the model does not use attn_implementation='top_theta'; load it with that argument or call "

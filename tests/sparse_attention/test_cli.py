@@ -120,6 +120,15 @@ def test_bad_inputs_give_one_line(tiny_model_dir, text_dir, tmp_path, capsys):
     assert "no Top-θ configuration" in _error_line(capsys)
     assert main(["evaluate", "--model", str(tiny_model_dir), "--thresholds", str(empty), *FAST]) == 2
     assert "not a readable safetensors" in _error_line(capsys)
+    # A model whose attention does not go through transformers' AttentionInterface.
+    from transformers import XLNetConfig, XLNetLMHeadModel
+
+    xlnet = tmp_path / "xlnet"
+    XLNetLMHeadModel(XLNetConfig(d_model=32, n_layer=1, n_head=2, d_inner=64, vocab_size=300)).save_pretrained(xlnet)
+    for f in tiny_model_dir.glob("tokenizer*"):
+        (xlnet / f.name).write_bytes(f.read_bytes())
+    assert main(["demo", "--model", str(xlnet), "--text", str(text_dir), *FAST]) == 2
+    assert "does not route its attention" in _error_line(capsys)
 
 
 def test_argument_errors_exit_2(capsys):

@@ -270,3 +270,22 @@ def test_causal_padding_masks_become_causal_plus_key_padding():
     holed[0, 0, 4, 1] = False
     mask, is_causal, _ = hf._mask_arguments(holed, lq, lk, True)
     assert not is_causal and torch.equal(mask, holed)
+
+
+def _model_without_attention_interface():
+    from transformers import XLNetConfig, XLNetLMHeadModel
+
+    return XLNetLMHeadModel(XLNetConfig(d_model=32, n_layer=1, n_head=2, d_inner=64, vocab_size=97)).eval()
+
+
+def test_models_without_attention_interface_are_refused():
+    """transformers only warns for such models and keeps them dense; we refuse instead of pruning nothing."""
+    model = _model_without_attention_interface()
+    with pytest.raises(ValueError, match="does not route its attention through"):
+        sa.configure(model, None)
+    assert getattr(model.config, "top_theta", None) is None
+    with pytest.raises(ValueError, match="does not use attn_implementation='top_theta'"):
+        with sa.collect_stats(model):
+            pass
+    with pytest.raises(ValueError, match="does not route its attention through"):
+        sa.calibrate(model, [torch.randint(0, 97, (1, 12))], k=2, progress=False)
