@@ -17,7 +17,7 @@ import torch
 from .hooks import ModelContext
 from .reference import _row_chunks, grouped_pv, grouped_scores, kth_largest_visible, topk_mask, visible_keys
 from .thresholds import Thresholds
-from .validation import PLACEMENTS, check_choice
+from .validation import PLACEMENTS, check_choice, check_int
 
 
 class Calibrator(ModelContext):
@@ -172,8 +172,7 @@ def calibrate(
         ValueError: ``k < 1``, an unknown placement, a model without layer/head counts, or calibration text with no
         row longer than ``k``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    check_int("k", k)
     check_choice("placement", placement, PLACEMENTS)
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1 or None, got {max_rows!r}")

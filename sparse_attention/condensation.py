@@ -55,7 +55,7 @@ import torch
 
 from .hooks import ModelContext
 from .regularizer import KINDS, RegularizerTerms, regularizer_terms
-from .validation import BACKENDS, check_choice
+from .validation import BACKENDS, check_choice, check_int
 
 # The first two layers stay dense at inference by default (``Thresholds.dense_layers``); regularizing them is wasted.
 DEFAULT_DENSE_LAYERS = (0, 1)
@@ -92,8 +92,7 @@ class Condensation(ModelContext):
         backend: str = "auto",
     ):
         super().__init__(model, switch=True)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        check_int("k", k)
         check_choice("kind", kind, KINDS)
         check_choice("backend", backend, BACKENDS)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:

@@ -27,7 +27,7 @@ from .functional import dispatch
 from .hooks import ModelContext, use_top_theta
 from .reference import topk_attention
 from .thresholds import Thresholds
-from .validation import BACKENDS, SDC_MODES, prepare_call
+from .validation import BACKENDS, SDC_MODES, check_int, prepare_call
 
 BACKEND_NAME = "top_theta"
 _registered = False
@@ -217,8 +217,7 @@ class TopKAttention(ModelContext):
 
     def __init__(self, model, k: int, dense_layers=(0, 1)):
         super().__init__(model, switch=True)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        check_int("k", k)
         self.k = k
         self.dense_layers = tuple(dense_layers)
 

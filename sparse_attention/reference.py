@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import AttentionCall, AttentionStats, prepare_call
+from .validation import AttentionCall, AttentionStats, check_int, prepare_call
 
 # Score elements materialised per chunk of query rows (float32): 2**24 elements = 64 MiB per temporary.
 _CHUNK_ELEMENTS = 1 << 24
@@ -175,8 +175,7 @@ def topk_attention(
 
     Shapes as :func:`top_theta_attention`. Raises ``ValueError`` for ``k < 1`` and as ``prepare_call``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    check_int("k", k)
     call = prepare_call(
         query, key, value, None, scale=scale, causal=causal, q_offset=q_offset, attn_mask=attn_mask,
         return_stats=return_stats,

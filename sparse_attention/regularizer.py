@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .reference import grouped_scores, kth_largest_visible, visible_keys
-from .validation import BACKENDS, AttentionCall, check_choice, prepare_call
+from .validation import BACKENDS, AttentionCall, check_choice, check_int, prepare_call
 
 KINDS = ("logmass", "mass")
 
@@ -50,13 +50,8 @@ class RegularizerTerms:
         return self.loss_sum / self.rows.clamp_min(1.0)
 
 
-def _check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-
-
 def _prepare(query, key, k, scale, causal, q_offset, attn_mask, kind, backend) -> AttentionCall:
-    _check_k(k)
+    check_int("k", k)
     check_choice("kind", kind, KINDS)
     check_choice("backend", backend, BACKENDS)
     # The attention checks need a value tensor; the key stands in for it, so only query/key/mask errors can arise.

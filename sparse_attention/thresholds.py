@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .validation import PLACEMENTS, check_choice
+from .validation import PLACEMENTS, check_choice, check_int
 
 FORMAT_VERSION = 1
 
@@ -50,8 +50,7 @@ class Thresholds:
         if self.sdc_table is not None:
             self.sdc_table = torch.as_tensor(self.sdc_table, dtype=torch.float32).cpu()
         check_choice("placement", self.placement, PLACEMENTS)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        check_int("k", self.k)
         if self.n_points.dim() != 1 or self.n_points.numel() == 0:
             raise ValueError(f"n_points must be a non-empty 1-D tensor, got shape {tuple(self.n_points.shape)}")
         if (self.n_points < 1).any() or (self.n_points[1:] <= self.n_points[:-1]).any():

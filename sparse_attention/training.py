@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .condensation import condensation
+from .validation import check_int
 
 
 @dataclass
@@ -92,12 +93,6 @@ def _window_sampler(tokenizer, data, seq_len: int, batch_size: int, generator: t
     return sample_rows
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 def finetune(
     model: torch.nn.Module,
     tokenizer,
@@ -157,9 +152,9 @@ def finetune(
         text without a tokenizer, data shorter than ``seq_len``, a non-finite loss during training; and as
         :func:`sparse_attention.condensation` for ``k``, ``kind``, ``lam``, ``warmup``, ``dense_layers``, ``backend``.
     """
-    _positive_int("steps", steps)
-    _positive_int("batch_size", batch_size)
-    _positive_int("seq_len", seq_len)
+    check_int("steps", steps)
+    check_int("batch_size", batch_size)
+    check_int("seq_len", seq_len)
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     sample = _window_sampler(tokenizer, data, seq_len, batch_size, torch.Generator().manual_seed(seed))

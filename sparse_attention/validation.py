@@ -79,6 +79,12 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
 
 
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def check_choice(name: str, value, choices) -> None:
     """Raise ``ValueError`` naming ``name`` when ``value`` is not one of ``choices``."""
     if value not in choices:
