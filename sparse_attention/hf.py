@@ -25,7 +25,7 @@ import torch
 
 from .functional import dispatch
 from .hooks import ModelContext, use_top_theta
-from .reference import topk_attention
+from .reference import topk_attention, visibility
 from .thresholds import Thresholds
 from .validation import BACKENDS, SDC_MODES, check_int, prepare_call
 
@@ -281,9 +281,7 @@ def _split_causal_padding(mask: torch.Tensor, lq: int, lk: int):
     q_offset = lk - lq
     # With bottom-right causality the last query row sees every key, so it is the padding row.
     padding = mask[:, :, -1:, :]
-    rows = torch.arange(lq, device=mask.device)[:, None] + q_offset
-    causal = torch.arange(lk, device=mask.device)[None, :] <= rows
-    if not bool((mask == (causal & padding)).all()):
+    if not bool((mask == visibility(0, lq, lk, True, q_offset, padding, mask.device)).all()):
         return mask, False, 0
     return (None if bool(padding.all()) else padding), True, q_offset
 
@@ -380,12 +378,7 @@ def _visible_mask(attn_mask, causal: bool, q_offset: int, lq: int, lk: int, devi
     """Boolean ``[B or 1, H or 1, Lq, Lk]`` visibility, or ``None`` for plain square causal (``Lq == Lk``)."""
     if attn_mask is None and causal and q_offset == 0 and lq == lk:
         return None
-    vis = torch.ones(1, 1, lq, lk, dtype=torch.bool, device=device)
-    if causal:
-        vis = vis & (torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + q_offset)
-    if attn_mask is not None:
-        vis = vis & attn_mask
-    return vis
+    return visibility(0, lq, lk, causal, q_offset, attn_mask, device)
 
 
 # ---- configuration --------------------------------------------------------------------------------------------------

@@ -22,17 +22,22 @@ def _row_chunks(call_shape: tuple[int, int, int, int], lk: int):
         yield start, min(lq, start + rows)
 
 
-def visible_keys(
-    b: int, hq: int, start: int, stop: int, lk: int, causal: bool, q_offset: int, attn_mask, device
-) -> torch.Tensor:
-    """Boolean ``[B, Hq, stop - start, Lk]`` (possibly a broadcast view): which keys rows ``start:stop`` see."""
+def visibility(start: int, stop: int, lk: int, causal: bool, q_offset: int, attn_mask, device) -> torch.Tensor:
+    """Boolean ``[B or 1, H or 1, stop - start, Lk]``: which keys rows ``start:stop`` see (causal AND mask)."""
     vis = torch.ones(1, 1, stop - start, lk, dtype=torch.bool, device=device)
     if causal:
         rows = torch.arange(start, stop, device=device)[:, None] + q_offset
         vis = vis & (torch.arange(lk, device=device)[None, :] <= rows)
     if attn_mask is not None:
         vis = vis & attn_mask[:, :, start:stop]
-    return vis.expand(b, hq, stop - start, lk)
+    return vis
+
+
+def visible_keys(
+    b: int, hq: int, start: int, stop: int, lk: int, causal: bool, q_offset: int, attn_mask, device
+) -> torch.Tensor:
+    """:func:`visibility` broadcast to ``[B, Hq, stop - start, Lk]`` (a view)."""
+    return visibility(start, stop, lk, causal, q_offset, attn_mask, device).expand(b, hq, stop - start, lk)
 
 
 def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
