@@ -9,8 +9,6 @@ import torch
 from . import reference
 from .validation import BACKENDS, AttentionCall, AttentionStats, check_choice, prepare_call
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -19,6 +17,7 @@ def _interpreting() -> bool:
 def triton_unsupported_reason(call: AttentionCall) -> str | None:
     """Why the Triton kernels cannot run ``call`` (``None`` when they can)."""
     from .kernels import config
+    from .kernels.common import KERNEL_DTYPES
 
     q = call.query
     if q.device.type != "cuda" and not _interpreting():
@@ -26,7 +25,7 @@ def triton_unsupported_reason(call: AttentionCall) -> str | None:
             f"tensors are on {q.device}; the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
             "sparse_attention is imported to run them on CPU"
         )
-    if q.dtype not in _KERNEL_DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         return f"query dtype {q.dtype} is not supported by the Triton kernels (use float16, bfloat16 or float32)"
     if not config.MIN_HEAD_DIM <= q.shape[-1] <= config.MAX_HEAD_DIM:
         return (
