@@ -15,6 +15,7 @@ Run (from the repository root; no GPU and no CUDA driver needed)::
     python benchmarks/compile_report.py --out benchmarks/results/compile_sm90a.json \\
         [--target sm90a|sm80|all] [--subset ci|full] [--kernel prefill decode regularizer ...] \\
         [--dtype bf16 ...] [--head-dim 128 ...] [--mode dense ...] [--jobs N]
+    python benchmarks/compile_report.py --summary benchmarks/results/compile_sm90a_before.json   # a markdown table
 
 ``--kernel`` takes families (``prefill``, ``decode``, ``regularizer``) or kernel names (``decode_split``, ...).
 ``--subset ci`` is what ``tests/benchmarks/test_compile_report.py`` checks: prefill only, D=128, dense bf16 and
@@ -45,9 +46,11 @@ Fields of a record:
   ``regularizer_dk``), ``v_*`` those of the second products (V; K or Q in the regularizer's backward):
 
   - ``k_async`` / ``v_async``: every such load reaches shared memory by an asynchronous copy (``cp.async``, or TMA),
-    none by a synchronous ``tt.load``. ``k_load`` / ``v_load``: the kinds seen, joined by ``+`` (``cp.async``,
-    ``tma``, ``tt.load``). ``k_buffers`` / ``v_buffers``: shared-memory buffers of that operand (the pipeline depth;
-    1 = not multi-buffered).
+    none by a synchronous load. ``k_load`` / ``v_load``: the kinds seen, joined by ``+`` (``cp.async``, ``tma``, or
+    the synchronous load op, ``tt.load`` / ``tt.descriptor_load``). ``k_buffers`` / ``v_buffers``: shared-memory
+    buffers of that operand (the pipeline depth; 1 = not multi-buffered). A load counts as the loop's when it is in
+    the loop or, failing that, in another loop (a producer loop filling the buffers); loads outside every loop (Q)
+    are not counted. Warp-specialised partitions (``ttg.warp_specialize``) are not followed.
   - ``qk_mma`` / ``pv_mma``: the product's instruction family (``wgmma``, ``mma_v2`` = mma.sync, ``fma``).
     ``qk_wgmma`` / ``pv_wgmma``: all of them are wgmma (None on sm_80, which has none); ``qk_wgmma_async`` /
     ``pv_wgmma_async``: issued asynchronously (``isAsync``).
@@ -117,9 +120,9 @@ DEVICE_CHECKS = ("unsupported_device",)
 # ==== the launcher table ============================================================================================
 # Everything that knows the launchers' signatures is in this section. A case calls one launcher the way the package
 # does; every kernel that call would launch is captured. Keyword values are passed through _kwargs: a key "a|b" goes
-# to whichever of the names the launcher has (the first if it has both), and OPTIONAL keys are dropped when the
-# launcher has no such parameter, so a renamed or added keyword with a default needs no change here. A new required
-# keyword shows up as an error record naming it.
+# to whichever of the names the launcher has (the first if it has both), and optional keys (those listed as such and
+# those whose value is None) are dropped when the launcher has no such parameter, so a renamed keyword listed here
+# or an added keyword with a default needs no change. A new required keyword shows up as an error record naming it.
 
 PREFILL_SHAPE = {"B": 1, "Hq": 8, "Hkv": 2, "Lq": 1024, "Lk": 1024}
 # Decode: Llama-style GQA (4 query heads per kv head), one query row, the split count an H100 would pick for this
@@ -139,7 +142,7 @@ class Case:
 
 
 def _kwargs(fn: Callable, values: dict, optional: Iterable[str] = ()) -> dict:
-    """``values`` renamed to ``fn``'s parameters (see the section comment)."""
+    """``values`` renamed to ``fn``'s parameters (see the section comment); a key whose value is None is optional."""
     params = inspect.signature(fn).parameters
     optional = set(optional)
     out = {}
@@ -147,7 +150,7 @@ def _kwargs(fn: Callable, values: dict, optional: Iterable[str] = ()) -> dict:
         names = key.split("|")
         name = next((n for n in names if n in params), None)
         if name is None:
-            if key in optional:
+            if key in optional or value is None:
                 continue
             name = names[0]  # let the call fail and name the missing parameter
         out[name] = value
@@ -666,8 +669,8 @@ class TTGIR:
 
     def load_sources(self, value: str) -> list:
         """Where the data of ``value`` comes from, as ``(kind, op, buffer)``: ``kind`` "cp.async" / "tma" for an async
-        copy into ``buffer`` (its ``ttg.local_alloc``), "tt.load" for a synchronous load; values computed by other
-        ops end the search (they are not loads)."""
+        copy into ``buffer`` (its ``ttg.local_alloc``), the op name (``tt.load``, ``tt.descriptor_load``) for a
+        synchronous load; values computed by other ops end the search (they are not loads)."""
         out, seen, todo = [], set(), [(value, None)]
         while todo:
             v, buf = todo.pop()
@@ -682,7 +685,7 @@ class TTGIR:
                 continue
             op, index = d[1], d[2]
             if op.name in LOAD_OPS:
-                out.append(("tt.load", op, buf))
+                out.append((op.name, op, buf))
             elif op.name == "ttg.local_alloc":
                 if op.operands:
                     todo.append((op.operands[0], op))
@@ -776,7 +779,12 @@ def analyse_ttgir(text: str) -> dict:
             role = "score" if (id(d) in feeds or len(dots) == 1) else "second"
             operands = []
             for slot, value in zip("ab", d.operands[:2], strict=False):
-                inside = [s for s in ir.load_sources(value) if id(s[1]) in scope]
+                sources = ir.load_sources(value)
+                # Loads in this loop; failing those, loads in another loop (a warp-specialised producer partition
+                # fills the buffers the consumer's loop reads). Loads outside every loop (Q) are not the loop's.
+                inside = [s for s in sources if id(s[1]) in scope] or [
+                    s for s in sources if _innermost_loop(s[1]) is not None
+                ]
                 if not inside:
                     continue
                 buffers = [(_dims(s[2].text)[0] if len(_dims(s[2].text)) >= 3 else 1) for s in inside if s[2]]
@@ -1184,6 +1192,35 @@ def build_report(selection: Selection, out_path: Path | None, jobs: int = 1, log
     return records
 
 
+SUMMARY_COLUMNS = ("kernel", "mode", "dtype", "D", "config", "target", "regs", "spill", "shared", "k_async", "v_async",
+                   "qk", "pv", "bars")  # fmt: skip
+
+
+def summary_rows(records: list[dict]) -> list[tuple]:
+    """One row per record (:data:`SUMMARY_COLUMNS`), in the file's order; errors show as ``error``."""
+    rows = []
+    for r in records:
+        c = r.get("config") or {}
+        tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N") if c.get(k) is not None)
+        config = f"{tile + ' ' if tile else ''}w{c.get('num_warps')}s{c.get('num_stages')}"
+        head = (r["kernel"], r["mode"], r["dtype"], r["head_dim"], config, r["target"])
+        if "error" in r:
+            rows.append(head + ("error",) + ("",) * (len(SUMMARY_COLUMNS) - len(head) - 1))
+            continue
+        rows.append(head + (r["regs"], r["spill_bytes"], r["shared_bytes"], r["k_async"], r["v_async"], r["qk_mma"],
+                            r["pv_mma"], r["barriers_per_loop"]))  # fmt: skip
+    return rows
+
+
+def summary_markdown(records: list[dict]) -> str:
+    def cell(value):
+        return "-" if value is None else str(value).replace("|", "/")
+
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + " --- |" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in summary_rows(records)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "compile_sm90a.json"))
@@ -1195,7 +1232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", nargs="+", default=None)
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many worker processes (0: in this one)")
     parser.add_argument("--cache-dir", default=None, help="Triton cache to use (default: a fresh temporary one)")
+    parser.add_argument("--summary", metavar="FILE", default=None, help="print FILE's records as a table and exit")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary_markdown(json.loads(Path(args.summary).read_text())))
+        return 0
 
     # Before the kernels are imported: compiled code, never the interpreter, and every shipped autotuning config.
     os.environ.pop("TRITON_INTERPRET", None)

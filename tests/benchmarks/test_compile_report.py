@@ -186,6 +186,28 @@ def test_ttgir_sm80_mma_sync():
     assert facts["v_async"] is False  # the computed P operand is no load; V is a tt.load
 
 
+def test_ttgir_operand_filled_by_another_loop():
+    # A producer loop fills a buffer ring that the consumer loop's product reads: still an asynchronous K load.
+    text = """\
+module {
+  tt.func @k(%n: i32) {
+    %kb = ttg.local_alloc : () -> !ttg.memdesc<2x128x64xbf16, #shared, #smem, mutable>
+    scf.for %j = %c0 to %n step %c1  : i32 {
+      %w = ttg.memdesc_index %kb[%j] : !ttg.memdesc<2x128x64xbf16> -> !ttg.memdesc<128x64xbf16>
+      %t = ttng.async_tma_copy_global_to_local %desc[%j, %c0] %w, %bar, %true : !tt.tensordesc -> !ttg.memdesc
+    }
+    scf.for %i = %c0 to %n step %c1  : i32 {
+      %r = ttg.memdesc_index %kb[%i] : !ttg.memdesc<2x128x64xbf16> -> !ttg.memdesc<128x64xbf16>
+      %s = ttng.warp_group_dot %q, %r, %cst {isAsync = true} : !ttg.memdesc * !ttg.memdesc -> tensor<128x64xf32>
+    }
+    tt.return
+  }
+}
+"""
+    facts = cr.analyse_ttgir(text)
+    assert facts["k_async"] is True and facts["k_load"] == "tma" and facts["k_buffers"] == 2
+
+
 def test_ttgir_without_products_has_no_loop_facts():
     facts = cr.analyse_ttgir("module {\n  tt.func @k() {\n    tt.return\n  }\n}\n")
     assert facts["loops"] == [] and facts["k_async"] is None and facts["qk_wgmma"] is None
@@ -226,7 +248,8 @@ def test_launcher_keywords_follow_the_signature():
     def launcher(q, *, sm_scale, causal, softcap=None):
         pass
 
-    kwargs = cr._kwargs(launcher, {"scale|sm_scale": 0.5, "causal": True, "sinks": 1}, optional=("sinks",))
+    values = {"scale|sm_scale": 0.5, "causal": True, "sinks": 1, "attn_mask": None}
+    kwargs = cr._kwargs(launcher, values, optional=("sinks",))
     assert kwargs == {"sm_scale": 0.5, "causal": True}
     assert cr._kwargs(launcher, {"vmc": True}) == {"vmc": True}  # a missing required keyword fails at the call
     assert cr._has_params(launcher, ("softcap",)) and not cr._has_params(launcher, ("sinks",))
