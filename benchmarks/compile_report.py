@@ -1090,8 +1090,17 @@ def _config_of(spec: Spec) -> dict:
             "num_warps": spec.options.get("num_warps"), "num_stages": spec.options.get("num_stages")}  # fmt: skip
 
 
-def build_report(selection: Selection, out_path: Path | None, jobs: int = 1, log=print) -> list[dict]:
-    """Capture, compile and write the report; returns the records."""
+def _identity(record: dict) -> str:
+    keys = ("kernel", "mode", "dtype", "head_dim", "config", "target", "constexprs", "triton", "source_hash")
+    return json.dumps([record.get(k) for k in keys], sort_keys=True)
+
+
+def build_report(
+    selection: Selection, out_path: Path | None, jobs: int = 1, log=print, resume: list[dict] | None = None
+) -> list[dict]:
+    """Capture, compile and write the report; returns the records. Records of ``resume`` (an earlier report) with the
+    same kernel, mode, dtype, head dim, config, target, constexprs, Triton version and source hash, and no error, are
+    taken as they are instead of compiling again."""
     import triton
 
     if str(Path(__file__).resolve().parent) not in sys.path:
@@ -1114,6 +1123,8 @@ def build_report(selection: Selection, out_path: Path | None, jobs: int = 1, log
     records: list[dict] = []
     work: list = []  # (record index, spec, capability)
     seen: dict = {}
+    earlier = {_identity(r): r for r in resume or () if "error" not in r and "same_as" not in r and "regs" in r}
+    reused = 0
     for context, spec in pairs:
         base = {"kernel": spec.name if spec else context["family"], "mode": context["mode"], "dtype": context["dtype"],
                 "head_dim": context["head_dim"]}  # fmt: skip
@@ -1129,8 +1140,14 @@ def build_report(selection: Selection, out_path: Path | None, jobs: int = 1, log
                     rec["same_as"] = seen[key]
                 else:
                     seen[key] = len(records)
-                    work.append((len(records), spec, cap))
+                    if _identity(rec) in earlier:
+                        rec = dict(earlier[_identity(rec)])
+                        reused += 1
+                    else:
+                        work.append((len(records), spec, cap))
             records.append(rec)
+    if resume is not None:
+        log(f"reused {reused} records of the earlier report")
 
     def write():
         if out_path is not None:
@@ -1233,6 +1250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many worker processes (0: in this one)")
     parser.add_argument("--cache-dir", default=None, help="Triton cache to use (default: a fresh temporary one)")
     parser.add_argument("--summary", metavar="FILE", default=None, help="print FILE's records as a table and exit")
+    parser.add_argument(
+        "--resume",
+        nargs="*",
+        metavar="FILE",
+        default=None,
+        help="reuse the matching records of these earlier reports (default: --out), compile the rest",
+    )
     args = parser.parse_args(argv)
     if args.summary:
         print(summary_markdown(json.loads(Path(args.summary).read_text())))
@@ -1258,7 +1282,11 @@ def main(argv: list[str] | None = None) -> int:
         print(*parts, file=sys.stderr, flush=True)
 
     try:
-        records = build_report(selection, Path(args.out), jobs=args.jobs, log=log)
+        earlier = None
+        if args.resume is not None:
+            files = [Path(f) for f in args.resume] or [Path(args.out)]
+            earlier = [r for f in files if f.exists() for r in json.loads(f.read_text())]
+        records = build_report(selection, Path(args.out), jobs=args.jobs, log=log, resume=earlier)
     finally:
         if tmp_cache:
             shutil.rmtree(tmp_cache, ignore_errors=True)
