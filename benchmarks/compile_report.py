@@ -26,7 +26,8 @@ The script sets ``SPARSE_ATTENTION_AUTOTUNE=1`` (every shipped config) and clear
 imports the kernels, which it loads from this checkout's ``kernels/`` (see :func:`load_kernels`), and compiles into a
 fresh Triton cache directory so that ``compile_s`` is a real compile time.
 
-Output: a JSON list of flat records (the results-file convention of ``harness.py``), rewritten after every record.
+Output: a JSON list of flat records (the results-file convention of ``harness.py``), one per line, rewritten after
+every record.
 Fields of a record:
 
 - ``kernel``: ``prefill``, ``decode_split``, ``decode_lse``, ``decode_combine``, ``decode_mask``, ``regularizer_fwd``,
@@ -1100,6 +1101,11 @@ def _config_of(spec: Spec) -> dict:
             "num_warps": spec.options.get("num_warps"), "num_stages": spec.options.get("num_stages")}  # fmt: skip
 
 
+def dumps(records: list[dict]) -> str:
+    """A JSON list with one record per line (compact, and a diff shows which records changed)."""
+    return "[\n" + ",\n".join(json.dumps(r, allow_nan=False, separators=(",", ":")) for r in records) + "\n]\n"
+
+
 def _identity(record: dict) -> str:
     keys = ("kernel", "mode", "dtype", "head_dim", "config", "target", "constexprs", "triton", "source_hash")
     return json.dumps([record.get(k) for k in keys], sort_keys=True)
@@ -1163,7 +1169,7 @@ def build_report(
         if out_path is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-            tmp.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
+            tmp.write_text(dumps(records))
             os.replace(tmp, out_path)
 
     # Cheap specialisations first (float32 "ieee" products and D=256 take 10-100x longer), so that a run cut short
