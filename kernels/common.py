@@ -8,6 +8,7 @@ each launcher adds only the checks of its own options.
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 from . import config
@@ -23,6 +24,55 @@ SDC_THRESHOLD = tl.constexpr(2)
 SDC_CALIBRATED = tl.constexpr(3)
 SDC_CODES = {"exact": SDC_EXACT.value, "none": SDC_NONE.value, "threshold": SDC_THRESHOLD.value,
              "calibrated": SDC_CALIBRATED.value}  # fmt: skip
+
+
+# ---- shared @triton.jit helpers -------------------------------------------------------------------------------
+
+
+@triton.jit
+def safe_shift(m):
+    """The shift used to exponentiate a row whose running max is ``m``: 0 where the row has seen no visible score yet
+    (``m == -inf``), so that ``exp(s - shift)`` never evaluates ``-inf - (-inf)``. NaN stays NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def soft_cap(s, softcap):
+    """``softcap · tanh(s / softcap)``, written with exp2 so that it runs the same compiled and under the interpreter.
+
+    Saturates to ±softcap without overflow (exp2 of a large argument is inf, and ``1 - 2 / (inf + 1) = 1``).
+    """
+    e = tl.math.exp2(s * (2.0 * LOG2E / softcap))
+    return softcap * (1.0 - 2.0 / (e + 1.0))
+
+
+# ---- what the kernels cannot run --------------------------------------------------------------------------------
+
+
+def unsupported_reason(op: str, query, key=None, value=None, *, k: int | None = None) -> str | None:
+    """Why the ``op`` kernel (``"prefill"``, ``"decode"`` or ``"regularizer"``) cannot run on these tensors, or
+    ``None`` when it can. The one answer to "can the kernels run this?": the ops layer's backend picker and every
+    launcher ask it. Only the kernels' own limits are checked here (device, dtype, head dims, k of the regularizer);
+    the contract (shapes, options) was validated once, by ``sparse_attention.ops.contract``."""
+    reason = unsupported_device(query.device, f"{op} kernel")
+    if reason is not None:
+        return reason
+    if query.dtype not in KERNEL_DTYPES:
+        return f"dtype {query.dtype} is not supported by the {op} kernel (use float16, bfloat16 or float32)"
+    if config.INTERPRET and query.dtype == torch.bfloat16 :
+        return (
+            "bfloat16 does not run under TRITON_INTERPRET=1 (the interpreter's bfloat16 tl.dot is wrong); "
+            "use float16 or float32 on CPU, or a CUDA device"
+        )
+    for name, t in (("query/key", query), ("value", value)):
+        if t is not None and not config.MIN_HEAD_DIM <= t.shape[-1] <= config.MAX_HEAD_DIM:
+            return (
+                f"{name} head dim {t.shape[-1]} is outside the {op} kernel's range "
+                f"{config.MIN_HEAD_DIM}..{config.MAX_HEAD_DIM}"
+            )
+    if k is not None and k > config.REGULARIZER_MAX_K:
+        return f"k = {k} exceeds the fused regularizer's maximum {config.REGULARIZER_MAX_K}"
+    return None
 
 
 def unsupported_device(device: torch.device, kernel: str) -> str | None:
