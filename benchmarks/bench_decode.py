@@ -25,9 +25,9 @@ import harness
 import synthetic
 import torch
 
-from sparse_attention import reference
-from sparse_attention.functional import dispatch
-from sparse_attention.validation import prepare_call
+from sparse_attention.ops import reference
+from sparse_attention.ops.attention import run
+from sparse_attention.ops.contract import prepare_call
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 LENGTHS = (8192, 32768, 131072)
@@ -80,7 +80,7 @@ def _backend(args) -> str:
 
 def _ours(q, k, v, theta, backend: str, *, stats: bool = False):
     call = prepare_call(q, k, v, theta, return_stats=stats)
-    return lambda: dispatch(call, backend)
+    return lambda: run(call, backend)
 
 
 def _check(q, k, v, theta, outs, kept, dtype) -> dict:

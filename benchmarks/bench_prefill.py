@@ -26,9 +26,9 @@ import harness
 import synthetic
 import torch
 
-from sparse_attention import reference
-from sparse_attention.functional import dispatch
-from sparse_attention.validation import prepare_call
+from sparse_attention.ops import reference
+from sparse_attention.ops.attention import run
+from sparse_attention.ops.contract import prepare_call
 
 # (dtype, D, Hq, Hkv): D=128 as in Llama-style GQA models, D=64 as in GPT-2-style multi-head models.
 CONFIGS = (("bf16", 128, 32, 8), ("fp16", 64, 16, 16), ("fp16", 128, 32, 8), ("bf16", 64, 16, 16))
@@ -65,7 +65,7 @@ def _backend(args) -> str:
 
 def _ours(q, k, v, theta, k_dense: int, backend: str, *, stats: bool = False):
     call = prepare_call(q, k, v, theta, k_dense=k_dense, return_stats=stats)
-    return lambda: dispatch(call, backend)
+    return lambda: run(call, backend)
 
 
 def _check(q, k, v, theta, k_dense, outs, kept, dtype) -> dict:

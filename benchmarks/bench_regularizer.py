@@ -21,7 +21,7 @@ import harness
 import synthetic
 import torch
 
-from sparse_attention.regularizer import regularizer_terms
+from sparse_attention.ops.regularizer import regularizer_terms
 
 DTYPE = "bf16"
 BATCH, HEADS_Q, HEADS_KV, HEAD_DIM = 1, 16, 16, 64

@@ -30,7 +30,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -116,26 +115,11 @@ def log(*parts) -> None:
 
 # ---- environment ----------------------------------------------------------------------------------------------------
 def git_commit() -> str:
-    """The commit measured: ``$SPARSE_ATTENTION_COMMIT`` when set (the GPU machine receives a copy of the working
-    tree, usually without ``.git``), else ``git rev-parse HEAD`` (``-dirty`` appended when tracked files differ),
-    else ``"unknown"``."""
-    env = os.environ.get(COMMIT_ENV, "").strip()
-    if env:
-        return env
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return UNKNOWN
-    return (head + "-dirty" if dirty else head) or UNKNOWN
+    """The commit measured (``sparse_attention.recipes.report.git_commit``: ``$SPARSE_ATTENTION_COMMIT`` when set, as on
+    a GPU machine that receives the working tree without ``.git``)."""
+    from sparse_attention.recipes.report import git_commit as commit
+
+    return commit(REPO_ROOT)
 
 
 def source_hash() -> str:
@@ -143,8 +127,8 @@ def source_hash() -> str:
     the commit is unknown."""
     digest = hashlib.sha256()
     for folder in ("kernels", "sparse_attention"):
-        for path in sorted((REPO_ROOT / folder).glob("*.py")):
-            digest.update(path.name.encode())
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

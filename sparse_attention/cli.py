@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from .hooks import use_top_theta
-from .validation import PLACEMENTS, SDC_MODES
+from .hf.backend import use_top_theta
+from .ops.contract import DEFAULT_DENSE_LAYERS, DEFAULT_SIGMA, PLACEMENTS, SDC_MODES
 
 
 class UsageError(ValueError):
@@ -29,7 +29,7 @@ class UsageError(ValueError):
 def _load(args):
     import torch
 
-    from .default_model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+    from .recipes.default_model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
     if args.quiet:
@@ -47,11 +47,11 @@ def _load(args):
 
 
 def _texts(args, split: str) -> list[str]:
-    from .corpus import load_texts, read_texts, stdlib_files
+    from .recipes.data import load_texts, stdlib_texts
 
     if args.text:
         return load_texts(args.text)
-    return read_texts(stdlib_files(split))
+    return stdlib_texts(split)
 
 
 def _seq_len(args, model) -> int:
@@ -62,7 +62,7 @@ def _seq_len(args, model) -> int:
 def _split_windows(args, model, tokenizer, texts):
     """Disjoint calibration and held-out windows: separate corpus splits by default; with ``--text``, the first
     ``--calib-windows`` windows calibrate and the rest are held out. ``texts`` maps split names to texts."""
-    from .evaluation import token_windows
+    from .recipes.data import token_windows
 
     seq_len = _seq_len(args, model)
     if args.text:
@@ -80,7 +80,7 @@ def _split_windows(args, model, tokenizer, texts):
 
 
 def _write_report(args, records, extra: dict) -> None:
-    from .evaluation import format_table, plot
+    from .recipes.report import format_table, plot
 
     print(format_table(records))
     out = Path(args.out)
@@ -92,31 +92,10 @@ def _write_report(args, records, extra: dict) -> None:
     )
 
 
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-
 def _meta(args, model, calibration, heldout) -> dict:
-    import platform
-
-    import torch
-    import transformers
-    import triton
+    from .recipes.report import provenance
 
     return {
-        "command": " ".join(["sparse-attention", *args.argv]),
         "model": str(args.model or "shipped default"),
         "model_type": model.config.model_type,
         "layers": model.config.num_hidden_layers,
@@ -124,17 +103,13 @@ def _meta(args, model, calibration, heldout) -> dict:
         "seq_len": int(heldout.shape[1]),
         "heldout_windows": int(heldout.shape[0]),
         "calibration_windows": None if calibration is None else int(calibration.shape[0]),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "commit": _git_commit(),
+        **provenance(["sparse-attention", *args.argv]),
         "device": str(args.device or "cpu"),
-        "processor": platform.processor() or platform.machine(),
     }
 
 
 def cmd_demo(args) -> int:
-    from .evaluation import compare
+    from .recipes.evaluation import compare
 
     # Text first: a bad --text is reported before any model is loaded.
     texts = {split: _texts(args, split) for split in (("heldout",) if args.text else ("calibration", "heldout"))}
@@ -150,15 +125,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import calibrate
-    from .evaluation import _batches, token_windows
-    from .hf import configure
+    from .hf.backend import configure
+    from .hf.calibration import calibrate
+    from .recipes.data import batches, token_windows
 
     texts = _texts(args, "calibration")
     model, tokenizer = _load(args)
     windows = token_windows(tokenizer, texts, _seq_len(args, model), args.calib_windows)
     th = calibrate(
-        model, _batches(windows, args.batch_size), k=args.k[0], placement=args.placement, sigma=args.sigma,
+        model, batches(windows, args.batch_size), k=args.k[0], placement=args.placement, sigma=args.sigma,
         dense_layers=args.dense_layers, progress=not args.quiet,
     )  # fmt: skip
     path = th.save(args.out)
@@ -172,16 +147,17 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_configured, token_windows
-    from .hf import configure, model_settings
-    from .thresholds import Thresholds
+    from .hf.backend import configure, language_model, model_settings
+    from .ops.thresholds import Thresholds
+    from .recipes.data import token_windows
+    from .recipes.evaluation import evaluate_configured
 
     texts = _texts(args, "heldout")
     thresholds = Thresholds.load(args.thresholds) if args.thresholds else None
     model, tokenizer = _load(args)
     if thresholds is not None:
         configure(model, thresholds, sdc=args.sdc, vmc=args.vmc, backend=args.backend)
-    elif model_settings(model.config) is None:
+    elif model_settings(language_model(model)[1]) is None:
         raise UsageError("the model has no Top-θ configuration: pass --thresholds FILE (from the calibrate command)")
     else:
         use_top_theta(model)
@@ -192,7 +168,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import finetune
+    from .recipes.training import finetune
 
     texts = _texts(args, "train")
     model, tokenizer = _load(args)
@@ -242,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
     common.add_argument("--seq-len", type=int, default=None, help="window length (default: min(512, model limit))")
     common.add_argument("--batch-size", type=int, default=8)
-    common.add_argument("--sigma", type=float, default=0.1)
-    common.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1])
+    common.add_argument("--sigma", type=float, default=DEFAULT_SIGMA)
+    common.add_argument("--dense-layers", type=int, nargs="*", default=list(DEFAULT_DENSE_LAYERS))
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     eval_opts = argparse.ArgumentParser(add_help=False)

@@ -69,7 +69,7 @@ def oracle_top_theta(
     mask = None if attn_mask is None else attn_mask.cpu().expand(b_, hq, lq, lk)
     th_table = None if theta is None else _table(theta, hq)
     c_table = None if sdc_table is None else _table(sdc_table, hq)
-    sink = None if sinks is None else torch.as_tensor(sinks, dtype=torch.float64).cpu().expand(hq)
+    sink = None if sinks is None else torch.as_tensor(sinks).detach().to("cpu", torch.float64).expand(hq)
     out = torch.zeros(b_, hq, lq, dv, dtype=torch.float64)
     kept = torch.zeros(b_, hq, lq, dtype=torch.int64)
     visible = torch.zeros(b_, hq, lq, dtype=torch.int64)
@@ -85,7 +85,8 @@ def oracle_top_theta(
                 if n == 0:
                     continue
                 s = {j: _capped(float(raw[i, j]), softcap) for j in vis}
-                if any(math.isnan(x) for x in s.values()) or bool(torch.isnan(q64[b, h, i]).any()):
+                nan_sink = sink is not None and math.isnan(float(sink[h]))
+                if any(math.isnan(x) for x in s.values()) or bool(torch.isnan(q64[b, h, i]).any()) or nan_sink:
                     out[b, h, i] = float("nan")
                     kept[b, h, i] = -1
                     continue
@@ -153,7 +154,7 @@ def oracle_regularizer(q, k, topk, *, scale=None, softcap=None, causal=True, q_o
     scale = d**-0.5 if scale is None else scale
     q_offset = lk - lq if q_offset is None else q_offset
     mask = None if mask is None else mask.cpu().expand(b_, hq, lq, lk)
-    sink = None if sinks is None else torch.as_tensor(sinks, dtype=torch.float64).cpu().expand(hq)
+    sink = None if sinks is None else torch.as_tensor(sinks).detach().to("cpu", torch.float64).expand(hq)
     grad_s = torch.zeros(b_, hq, lq, lk, dtype=torch.float64)
     grad_sink = torch.zeros(hq, dtype=torch.float64)
     losses, masses = [], []

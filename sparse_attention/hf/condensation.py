@@ -1,0 +1,281 @@
+"""Attention-condensation training of Hugging Face models: the regularizer of every attention layer, in one loss.
+
+Inside ``with condensation(model, k=16) as reg:`` the model runs with ``attn_implementation="top_theta"``. In
+training mode that backend computes ordinary dense attention and shows each layer's call (query, key, causality, key
+padding, softcap, sinks) to :meth:`Condensation.observe`, which adds the layer's
+:func:`~sparse_attention.topk_regularizer` terms;
+``reg.loss`` is then the mean of ``-log m_i`` (or ``1 - m_i``) over every regularized (layer, head, row) of the
+latest forward pass, differentiable. Layers listed in ``dense_layers`` are skipped; evaluation-mode forwards record
+nothing.
+
+Per-step behaviour: every call of ``model`` (the object given to :func:`condensation`) starts a fresh record, and in
+training mode advances ``reg.step``, which drives the λ warm-up. Read ``reg.loss`` / ``reg.penalty`` after the forward
+and before the next one; reading does not clear anything.
+
+Plain PyTorch::
+
+    with sparse_attention.condensation(model, k=16, lam=0.05, warmup=100) as reg:
+        for batch in loader:
+            out = model(**batch)
+            loss = out.loss + reg.penalty  # = reg.current_lam * reg.loss, λ ramped over 100 steps
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+transformers' ``Trainer``: add the penalty in ``compute_loss``::
+
+    class CondensationTrainer(transformers.Trainer):
+        def __init__(self, *args, condensation, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.condensation = condensation
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            reg = self.condensation
+            loss = loss + reg.lam_at(self.state.global_step) * reg.loss  # zero in evaluation
+            return (loss, outputs) if return_outputs else loss
+
+    with sparse_attention.condensation(model, k=16, warmup=100) as reg:
+        CondensationTrainer(model=model, args=args, train_dataset=data, condensation=reg).train()
+
+``lam_at(self.state.global_step)`` ramps λ by optimizer steps rather than forward passes, which differ under gradient
+accumulation. With ``gradient_accumulation_steps = G`` and a model whose loss takes ``num_items_in_batch`` (most causal
+LMs), Trainer does not divide the loss by G, so pass ``lam / G`` to keep the same weight.
+
+Gradient checkpointing re-runs layers during the backward pass; those calls record again, harmlessly: the records are
+dropped at the next forward of the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops import regularizer
+from ..ops.contract import BACKENDS, DEFAULT_DENSE_LAYERS, AttentionCall, check_choice, check_int
+from ..ops.regularizer import KINDS, RegularizerTerms
+from .backend import ModelContext, language_model, model_settings
+
+
+def _dense_layers_of(model) -> tuple[int, ...]:
+    """The dense layers of a model configured for Top-θ inference, else the default dense layers (Top-θ inference
+    keeps them dense, so regularizing them is wasted)."""
+    _, config = language_model(model)
+    settings = model_settings(config)
+    if settings is not None and settings.thresholds is not None:
+        return tuple(settings.thresholds.dense_layers)
+    return DEFAULT_DENSE_LAYERS
+
+
+class Condensation(ModelContext):
+    """The regularizer of one model's attention layers; create it with :func:`condensation`.
+
+    Attributes:
+        k, kind, lam, warmup, backend: as given to :func:`condensation`.
+        dense_layers: layer indices that are not regularized.
+        step: training forwards of the model so far, minus one (-1 before the first); drives :attr:`lam`. Settable.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        k: int = 16,
+        kind: str = "logmass",
+        *,
+        lam: float = 1.0,
+        warmup: int = 0,
+        dense_layers=None,
+        backend: str = "auto",
+    ):
+        super().__init__(model, switch=True)
+        check_int("k", k)
+        check_choice("kind", kind, KINDS)
+        check_choice("backend", backend, BACKENDS)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0 (steps), got {warmup!r}")
+        if dense_layers is None:
+            dense_layers = _dense_layers_of(model)
+        try:
+            self.dense_layers = frozenset(int(i) for i in dense_layers)
+        except (TypeError, ValueError):
+            raise ValueError(f"dense_layers must be an iterable of layer indices, got {dense_layers!r}") from None
+        self.k = k
+        self.kind = kind
+        self.lam = float(lam)
+        self.warmup = warmup
+        self.backend = backend
+        self.step = -1
+        self._records: list[tuple[int | None, RegularizerTerms]] = []
+        self._hook = None
+
+    def __enter__(self) -> Condensation:
+        super().__enter__()
+        self._hook = self.model.register_forward_pre_hook(self._on_forward)
+        self.reset()
+        return self
+
+    def __exit__(self, *exc):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.reset()
+        return super().__exit__(*exc)
+
+    def _on_forward(self, module, args) -> None:
+        self._records.clear()
+        if module.training:
+            self.step += 1
+
+    def reset(self) -> None:
+        """Drop the records of the current forward (the next forward of the model does this by itself)."""
+        self._records.clear()
+
+    def observe(self, module, call: AttentionCall, out, stats, dense: bool) -> None:
+        """The backend's training-mode calls: add the layer's regularizer terms (the call keeps its causality,
+        query offset, key padding, softcap and sinks, so the fused kernels skip tiles by index)."""
+        if module.training:
+            self.record_call(module, call)
+
+    def record_call(self, module: torch.nn.Module, call: AttentionCall) -> None:
+        """Add the regularizer terms of one prepared attention call, unless its layer is dense."""
+        layer = getattr(module, "layer_idx", None)
+        if layer in self.dense_layers:
+            return
+        # With lam = 0 the loss only measures; building its graph would waste memory.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.lam > 0):
+            terms = regularizer.terms(call, self.k, self.kind, self.backend)
+        self._records.append((layer, terms))
+
+    def record(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+        *,
+        causal: bool = True,
+        q_offset: int | None = None,
+        softcap: float | None = None,
+        sinks=None,
+    ) -> None:
+        """Add the regularizer terms of one attention call given as tensors (for attention code that does not go
+        through the ``top_theta`` backend).
+
+        Args:
+            module: the attention module; its ``layer_idx`` decides whether the layer is dense (skipped).
+            query: ``[B, Hq, Lq, D]``. key: ``[B, Hkv, Lk, D]``, not repeated for GQA.
+            attn_mask: boolean, broadcastable to ``[B, Hq, Lq, Lk]``, True = attend; combined with ``causal``.
+            scale: the attention's score scale; default ``module.scaling`` when it has one, else ``D ** -0.5``.
+            causal, q_offset, softcap, sinks: as in :func:`sparse_attention.topk_regularizer`.
+
+        Raises:
+            As :func:`~sparse_attention.topk_regularizer` for inconsistent tensors.
+        """
+        if scale is None:
+            scale = getattr(module, "scaling", None)
+        call = regularizer.prepare(
+            query, key, self.k, scale=scale, causal=causal, q_offset=q_offset, attn_mask=attn_mask, softcap=softcap,
+            sinks=sinks, kind=self.kind,
+        )  # fmt: skip
+        self.record_call(module, call)
+
+    def _sum(self, field: str) -> torch.Tensor | None:
+        if not self._records:
+            return None
+        device = getattr(self._records[0][1], field).device
+        return sum(getattr(terms, field).to(device) for _, terms in self._records)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean per-row loss over every regularized (layer, head, row) of the latest forward: a float32 scalar,
+        differentiable with respect to the model's parameters. Zero when nothing was recorded (evaluation mode,
+        only dense layers, or no row longer than k)."""
+        loss_sum = self._sum("loss_sum")
+        if loss_sum is None:
+            device = next(iter(self.model.parameters()), torch.empty(0)).device
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return loss_sum / self._sum("rows").clamp_min(1.0)
+
+    @property
+    def rows(self) -> int:
+        """Number of regularized (layer, head, row) triples recorded in the latest forward."""
+        rows = self._sum("rows")
+        return 0 if rows is None else int(rows.item())
+
+    @property
+    def topk_mass(self) -> float:
+        """Mean top-k softmax mass over the regularized rows of the latest forward (NaN when there are none)."""
+        mass = self._sum("mass_sum")
+        rows = self._sum("rows")
+        if mass is None or rows.item() == 0:
+            return float("nan")
+        return (mass / rows).item()
+
+    def layer_mass(self) -> dict[int | None, float]:
+        """Mean top-k mass per regularized layer in the latest forward."""
+        mass: dict[int | None, float] = {}
+        rows: dict[int | None, float] = {}
+        for layer, terms in self._records:
+            mass[layer] = mass.get(layer, 0.0) + terms.mass_sum.item()
+            rows[layer] = rows.get(layer, 0.0) + terms.rows.item()
+        return {layer: mass[layer] / rows[layer] for layer in mass if rows[layer] > 0}
+
+    def lam_at(self, step: int) -> float:
+        """λ at training step ``step`` (0-based): ``lam · min(1, (step + 1) / warmup)``, or ``lam`` without warm-up."""
+        if self.warmup == 0:
+            return self.lam
+        return self.lam * min(1.0, (max(step, 0) + 1) / self.warmup)
+
+    @property
+    def current_lam(self) -> float:
+        """λ at the current :attr:`step`."""
+        return self.lam_at(self.step)
+
+    @property
+    def penalty(self) -> torch.Tensor:
+        """``current_lam · loss``: add it to the LM loss."""
+        return self.current_lam * self.loss
+
+
+def condensation(
+    model: torch.nn.Module,
+    k: int = 16,
+    kind: str = "logmass",
+    *,
+    lam: float = 1.0,
+    warmup: int = 0,
+    dense_layers=None,
+    backend: str = "auto",
+) -> Condensation:
+    """Context manager that regularizes a Hugging Face model's attention toward its top k keys while training.
+
+    ``with condensation(model, k=16, lam=0.05) as reg: loss = model(**batch).loss + reg.penalty`` (see the module
+    docstring for a ``Trainer`` example).
+
+    Args:
+        model: a transformers model whose attention goes through ``AttentionInterface`` (GPT-2, Llama, Mistral,
+            Qwen2, ...). It is switched to ``attn_implementation="top_theta"`` inside the block and back on exit.
+        k: top-k size (default 16). Rows with at most k visible keys are not regularized.
+        kind: ``"logmass"`` (default, mean ``-log m_i``) or ``"mass"`` (mean ``1 - m_i``).
+        lam: regularizer weight λ used by ``reg.penalty`` (default 1.0). With ``lam=0`` the regularizer is only
+            measured (``reg.loss`` then has no gradient).
+        warmup: training steps over which λ ramps linearly from ``lam / warmup`` up to ``lam`` (default 0: none).
+        dense_layers: layer indices (``module.layer_idx``) left out; default: the model's Top-θ dense layers when
+            it is configured, else the first two layers, which Top-θ inference keeps dense. Pass ``()`` for all.
+        backend: regularizer backend, ``"auto"`` (fused Triton kernels for CUDA tensors), ``"reference"`` or
+            ``"triton"``.
+
+    Returns:
+        A :class:`Condensation`; use it in a ``with`` statement.
+
+    Raises:
+        ValueError: bad ``k``, ``kind``, ``lam``, ``warmup``, ``dense_layers`` or ``backend``; on entry, when another
+        condensation is already active on the model. TypeError: ``model`` is not a ``torch.nn.Module``.
+    """
+    return Condensation(model, k, kind, lam=lam, warmup=warmup, dense_layers=dense_layers, backend=backend)
