@@ -171,7 +171,7 @@ def attend(
         kept_n = keep.sum(-1)
         if call.placement == "post" or sdc == "exact":
             miss = d_all - d_kept
-        elif sdc == "none":
+        elif sdc == "none" or th is None:  # no threshold: no row is pruned, the denominator is D_all below
             miss = torch.zeros_like(d_kept)
         elif sdc == "threshold":
             dropped = (n - kept_n).float()
