@@ -77,7 +77,7 @@ DECODE_TILE_BYTES = 8192
 DECODE_MAX_SPLITS = 64
 DECODE_SPLIT_OVERHEAD_TILES = 2
 # Resident programs per SM assumed under TRITON_INTERPRET=1 (there is no compiled kernel to ask), times one "SM".
-DECODE_INTERPRET_SLOTS = 4
+DECODE_INTERPRET_SLOTS = 8
 # Most resident CTAs per SM by compute capability (CUDA programming guide); other devices get the default.
 DECODE_MAX_CTAS_PER_SM = {(7, 5): 16, (8, 0): 32, (8, 6): 16, (8, 7): 16, (8, 9): 24, (9, 0): 32}
 DECODE_MAX_CTAS_PER_SM_DEFAULT = 16

@@ -596,6 +596,8 @@ def _decode_combine_kernel(
     if VMC:
         v_mean = v_sum / tl.maximum(n, 1).to(tl.float32)
         o += (1.0 - d_kept / denom) * v_mean
+    # A NaN in one column (from a V row the row keeps) makes the whole row NaN, as a NaN score does (decision 5).
+    o = tl.where(tl.max((o != o).to(tl.int32), axis=0) > 0, float("nan"), o)
     tl.store(
         out_ptr + b * stride_ob + head * stride_oh + pos * stride_om + offs_dv * stride_od,
         o.to(out_ptr.dtype.element_ty),
