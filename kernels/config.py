@@ -72,10 +72,12 @@ DECODE_WARPS_STAGES = ((4, 4), (4, 3), (4, 2), (8, 4))
 # 128 compile to 118 registers and 53 KiB of shared memory on sm_90a (triton 3.6): 4 programs per SM. 64-key tiles
 # at 3 stages: 145 registers, 70 KiB, 3 per SM.
 DECODE_TILE_BYTES = 8192
-# Split count (decode.choose_num_splits, a wave model): at most this many splits, and a split's fixed cost (query
-# load, pipeline fill, partial stores) in tiles. A prediction, not yet measured on a GPU.
+# Split count (decode.choose_num_splits, a wave model): at most this many splits, a split's fixed cost (query load,
+# pipeline fill, partial stores) in tiles, and the relative cost margin within which fewer splits win. Predictions,
+# not yet measured on a GPU.
 DECODE_MAX_SPLITS = 64
 DECODE_SPLIT_OVERHEAD_TILES = 2
+DECODE_SPLIT_TOLERANCE = 0.02
 # Resident programs per SM assumed under TRITON_INTERPRET=1 (there is no compiled kernel to ask), times one "SM".
 DECODE_INTERPRET_SLOTS = 8
 # Most resident CTAs per SM by compute capability (CUDA programming guide); other devices get the default.

@@ -11,17 +11,22 @@ How it runs (read the file bottom-up: jit helpers, kernels, launcher):
 - One program per (key split, row block, kv head, batch), on a 1-D grid. The ``G·Lq`` query rows of a kv group (its
   ``G`` query heads times the ``Lq`` query rows) are packed into the rows of one program, so each K and V row is read
   once per group; groups wider than ``config.DECODE_MAX_BLOCK_M`` rows run as several row blocks.
-- ``_decode_split_kernel`` walks its keys in ``BLOCK_N`` tiles: scores (one tensor-core product per tile), the
+- ``_decode_split_kernel`` walks its keys in ``BLOCK_N`` tiles: scores (one matrix-unit product per tile), the
   NaN-propagating online row max and denominators, each row's threshold ``theta[h, min(n_i, T) - 1]`` and
   ``k_dense``, then loads the tile's V rows with a row mask that is true only where some packed row keeps the key:
   a pruned V row causes no memory traffic. It writes per-split partials (max, visible and kept denominators, kept
-  count, unnormalised output, and with ``vmc`` the visible V sum).
+  count, unnormalised output, and with ``vmc`` the visible V sum). K and V tiles are copied asynchronously
+  (``cp.async``); with ``config.DECODE_NUM_STAGES = 4`` the copies of the next two tiles are in flight while a tile
+  computes (the V copy of a tile can only start once its scores are known).
 - ``_decode_combine_kernel`` merges the splits of each query row, adds the sink, applies ``sdc``/``vmc`` and writes
   the output and statistics.
 - Extra passes over K (scores only, no V), all in ``_decode_score_pass_kernel``: placement "post" first needs each
-  row's log-sum-exp (``PASS_LSE``); ``cap`` needs, per split, the number of threshold-kept keys of each row
-  (``PASS_COUNT``; the split kernel then walks its tiles right to left from the count of the splits to its right).
-  "post" therefore reads K twice, "pre" with a cap twice, "post" with a cap three times.
+  row's log-sum-exp (``PASS_LSE``); ``cap`` needs, for every tile, the number of threshold-kept keys of each row to
+  its right (``PASS_COUNT`` walks each split right to left and stores, per tile, the count of the split's tiles to
+  its right, and per split its total; the split kernel adds the totals of the splits to its right). The main loop
+  thus carries no count from tile to tile, which would stop the compiler from pipelining its V loads. "post"
+  therefore reads K twice, "pre" with a cap twice, "post" with a cap three times; a cap also writes and reads
+  ``[B·Hq·Lq, Lk / BLOCK_N]`` int32 tile counts.
 - The split count comes from the compiled split kernel: resident programs per SM from its registers, shared memory
   and warps (``resident_ctas_per_sm``), then the count that minimises a wave model (``choose_num_splits``). It depends
   on shapes and the device only, never on device data: the launcher makes no host sync and a decode step can be
@@ -45,7 +50,18 @@ Limits (honest):
   that it pipelines.
 - ``return_stats`` zero-fills a ``[B, Hkv, Lk]`` byte array of kept-V-row flags and scans it in the combine kernel.
 - The split count is computed from one compiled specialisation per set of compile-time flags (the first one met);
-  pointer alignment or unit strides that compile differently share it.
+  pointer alignment or unit strides that compile differently share it. The decode kernels are never autotuned
+  (``config.DECODE_NUM_WARPS`` / ``DECODE_NUM_STAGES``): the split count depends on the compiled kernel, and an
+  autotuner's benchmarking cannot run inside a CUDA-graph capture.
+- Both products run on ``mma.sync`` (Triton's MMAv2), not Hopper's wgmma: a program has 16 rows (``tl.dot``'s
+  minimum; a kv group usually has 4-8) and wgmma needs 64 per warp group. Swapping the operands (the 64-key K tile
+  as the 64-row operand) compiles to wgmma, but triton 3.6's pipeliner rejects it at 2 or more stages (it cannot
+  predicate a wgmma whose result feeds the V load mask), and unpipelined it used more registers (123) with no async
+  copies.
+- The combine is a second launch. Fusing it into the split kernel (the last program of each kv group to finish
+  merges, through an atomic counter) is predicted (not measured) to save 1-1.5 µs per call: 12-19 % at B = 1 with
+  8k keys, 4-6 % at 32k, <= 2 % at B = 1 / 128k and at B = 16 (bf16, Hq 32, Hkv 8, D 128). Not done: the counters
+  would need an in-graph reset, and the release/acquire ordering of the partials cannot be validated without a GPU.
 """
 
 from __future__ import annotations
@@ -70,8 +86,6 @@ from .common import (
     soft_cap,
     unsupported_reason,
 )
-
-NEG_INF = tl.constexpr(float("-inf"))
 
 # How a call masks its keys (MASK_KIND).
 MASK_NONE = tl.constexpr(0)
@@ -297,11 +311,11 @@ def _decode_mask_kernel(
 ):  # fmt: skip
     """General masks only: one program per distinct mask row (batch, compact head, query row) counts its visible keys
     and finds their range ``[first, last + 1)`` (``[Lk, 0)`` when it sees none)."""
-    pid = tl.program_id(0).to(tl.int64)  # batch · mask_rows + compact head · Lq + query row
-    b = pid // mask_rows
+    pid = tl.program_id(0)  # batch · mask_rows + compact head · Lq + query row
+    b = (pid // mask_rows).to(tl.int64)
     mrow = pid % mask_rows
     pos = mrow % SEQLEN_Q
-    base = mask_ptr + b * stride_mb + (mrow // SEQLEN_Q) * stride_mh + pos * stride_mm
+    base = mask_ptr + b * stride_mb + (mrow // SEQLEN_Q).to(tl.int64) * stride_mh + pos * stride_mm
     end = seqlen_k
     if CAUSAL:
         end = tl.minimum(tl.maximum(q_offset + pos + 1, 0), seqlen_k)
@@ -314,30 +328,32 @@ def _decode_mask_kernel(
         count += vis.to(tl.int32)
         first = tl.minimum(first, tl.where(vis, offs_k, seqlen_k))
         last = tl.maximum(last, tl.where(vis, offs_k + 1, 0))
-    tl.store(mask_n_ptr + pid, tl.sum(count, axis=0))
-    tl.store(mask_bounds_ptr + 2 * pid, tl.min(first, axis=0))
-    tl.store(mask_bounds_ptr + 2 * pid + 1, tl.max(last, axis=0))
+    out = b * mask_rows + mrow
+    tl.store(mask_n_ptr + out, tl.sum(count, axis=0))
+    tl.store(mask_bounds_ptr + 2 * out, tl.min(first, axis=0))
+    tl.store(mask_bounds_ptr + 2 * out + 1, tl.max(last, axis=0))
 
 
 @triton.jit(do_not_specialize=["seqlen_k", "q_offset", "num_splits"])
 def _decode_score_pass_kernel(
     q_ptr, k_ptr, theta_ptr, sinks_ptr,
     kp_mask_ptr, kp_prefix_ptr, kp_bounds_ptr, mask_ptr, mask_n_ptr, mask_bounds_ptr,
-    lse_m_ptr, lse_l_ptr, cap_count_ptr,
+    lse_m_ptr, lse_l_ptr, cap_count_ptr, cap_tile_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_pb, stride_pn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     num_heads_q, num_heads_kv, seqlen_k, q_offset, num_splits, num_row_blocks, mask_rows, mask_head_step,
-    theta_len, k_dense, sm_scale, qk_scale, softcap,
+    theta_len, max_tiles, k_dense, sm_scale, qk_scale, softcap,
     PASS: tl.constexpr, GROUP: tl.constexpr, SEQLEN_Q: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, POST: tl.constexpr, HAS_SINKS: tl.constexpr,
     SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """A pass over K only (no V), per split and packed row. ``PASS_LSE``: max and denominator over the visible keys
-    into ``lse_m``/``lse_l``. ``PASS_COUNT``: the threshold-kept keys of pruned rows into ``cap_count`` (after the
-    LSE pass for "post", whose keep test needs the full row)."""
+    into ``lse_m``/``lse_l``. ``PASS_COUNT`` (after the LSE pass for "post", whose keep test needs the full row): the
+    threshold-kept keys of pruned rows, per split into ``cap_count`` and, per tile, those of the split's tiles to its
+    right into ``cap_tile``."""
     split, row_block, hkv, b = _program_ids(num_splits, num_row_blocks, num_heads_kv)
     row_ok, head, pos, row = _packed_rows(row_block, hkv, b, num_heads_q, GROUP=GROUP, SEQLEN_Q=SEQLEN_Q,
                                           BLOCK_M=BLOCK_M)  # fmt: skip
@@ -369,7 +385,12 @@ def _decode_score_pass_kernel(
         count = tl.zeros([BLOCK_M], tl.int32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
+    num_tiles = tl.cdiv(end - start, BLOCK_N)
+    for t in range(0, num_tiles):
+        if PASS == PASS_COUNT:
+            start_n = start + (num_tiles - 1 - t) * BLOCK_N  # right to left: count holds the tiles to the right
+        else:
+            start_n = start + t * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         vis = _tile_visible(offs_n, end, row_ok, last_key, kp_mask_row, stride_pn, mask_rows_ptr, stride_mn,
                             CAUSAL=CAUSAL, MASK_KIND=MASK_KIND)  # fmt: skip
@@ -383,6 +404,7 @@ def _decode_score_pass_kernel(
             m_i = m_new
         else:
             keep = _keep_above(qk, vis, pruned, th_cmp, m_row, sm_scale, qk_scale, POST=POST, SOFTCAP=SOFTCAP)
+            tl.store(cap_tile_ptr + row * max_tiles + (start_n - lo) // BLOCK_N, count, mask=row_ok)
             count += tl.sum((keep & pruned[:, None]).to(tl.int32), axis=1)
     part = row * num_splits + split  # [BLOCK_M]
     if PASS == PASS_LSE:
@@ -396,7 +418,7 @@ def _decode_score_pass_kernel(
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, theta_ptr, sinks_ptr,
     kp_mask_ptr, kp_prefix_ptr, kp_bounds_ptr, mask_ptr, mask_n_ptr, mask_bounds_ptr,
-    lse_m_ptr, lse_l_ptr, cap_count_ptr,
+    lse_m_ptr, lse_l_ptr, cap_count_ptr, cap_tile_ptr,
     part_m_ptr, part_l_ptr, part_lk_ptr, part_n_ptr, part_acc_ptr, part_vsum_ptr, kv_flags_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -404,7 +426,7 @@ def _decode_split_kernel(
     stride_pb, stride_pn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     num_heads_q, num_heads_kv, seqlen_k, q_offset, num_splits, num_row_blocks, mask_rows, mask_head_step,
-    theta_len, k_dense, cap, sm_scale, qk_scale, softcap,
+    theta_len, max_tiles, k_dense, cap, sm_scale, qk_scale, softcap,
     GROUP: tl.constexpr, SEQLEN_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_THETA: tl.constexpr,
@@ -453,12 +475,7 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
     if VMC:
         v_sum = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
-    num_tiles = tl.cdiv(end - start, BLOCK_N)
-    for t in range(0, num_tiles):
-        if CAP:
-            start_n = start + (num_tiles - 1 - t) * BLOCK_N  # right to left: the cap keeps the most recent keys
-        else:
-            start_n = start + t * BLOCK_N
+    for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         vis = _tile_visible(offs_n, end, row_ok, last_key, kp_mask_row, stride_pn, mask_rows_ptr, stride_mn,
                             CAUSAL=CAUSAL, MASK_KIND=MASK_KIND)  # fmt: skip
@@ -472,10 +489,10 @@ def _decode_split_kernel(
             keep = _keep_above(qk, vis, pruned, th_cmp, m_row, sm_scale, qk_scale, POST=POST, SOFTCAP=SOFTCAP)
             if CAP:
                 by_threshold = (keep & pruned[:, None]).to(tl.int32)  # [BLOCK_M, BLOCK_N]
+                tile_right = tl.load(cap_tile_ptr + row * max_tiles + (start_n - lo) // BLOCK_N, mask=row_ok, other=0)
                 # Threshold-kept keys at or right of each key; only the cap most recent stay kept.
-                rank = right[:, None] + tl.cumsum(by_threshold, axis=1, reverse=True)  # [BLOCK_M, BLOCK_N]
+                rank = (right + tile_right)[:, None] + tl.cumsum(by_threshold, axis=1, reverse=True)
                 keep = keep & ((rank <= cap) | ~pruned[:, None])
-                right += tl.sum(by_threshold, axis=1)
             p_kept = tl.where(keep, p, 0.0)  # [BLOCK_M, BLOCK_N]
         else:
             keep = vis
@@ -659,19 +676,21 @@ def resident_ctas_per_sm(n_regs: int, shared: int, num_warps: int, limits: Devic
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_num_splits(programs: int, num_tiles: int, slots: int, max_splits: int, overhead_tiles: float) -> int:
-    """Key splits per (batch, kv head, row block) that minimise a wave model of the split kernel's time (a
-    prediction, not a measurement): ``waves(s) · (ceil(tiles / s) + overhead)``, where ``waves(s) =
-    ceil(programs · s / slots)`` (``slots`` = resident programs per SM times SMs: programs of one wave run
-    concurrently, and the kernel is as slow as its longest split), and ``overhead`` is a split's fixed cost (query
-    load, pipeline fill, partial stores) in tiles. Ties go to fewer splits (less combine work)."""
+def choose_num_splits(programs: int, num_tiles: int, slots: int, max_splits: int, overhead_tiles: float,
+                      tolerance: float = 0.0) -> int:  # fmt: skip
+    """Key splits per (batch, kv head, row block) from a wave model of the split kernel's time (a prediction, not a
+    measurement): ``cost(s) = waves(s) · (ceil(tiles / s) + overhead)``, where ``waves(s) = ceil(programs · s /
+    slots)`` (``slots`` = resident programs per SM times SMs: the programs of one wave run concurrently, and a wave
+    lasts as long as its longest split) and ``overhead`` is a split's fixed cost (query load, pipeline fill, partial
+    stores) in tiles. Returns the fewest splits whose cost is within ``tolerance`` (relative) of the best: more
+    splits cost combine work and partial traffic that the model leaves out."""
     slots = max(slots, 1)
-    best, best_cost = 1, None
-    for s in range(1, max(1, min(max_splits, num_tiles)) + 1):
-        cost = triton.cdiv(programs * s, slots) * (triton.cdiv(num_tiles, s) + overhead_tiles)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = s, cost
-    return best
+    costs = [
+        triton.cdiv(programs * s, slots) * (triton.cdiv(num_tiles, s) + overhead_tiles)
+        for s in range(1, max(1, min(max_splits, num_tiles)) + 1)
+    ]
+    best = min(costs)
+    return next(s for s, cost in enumerate(costs, start=1) if cost <= best * (1 + tolerance))
 
 
 @functools.cache
@@ -691,13 +710,16 @@ def _device_limits(device_index: int) -> DeviceLimits:
 _RESOURCES: dict[tuple, tuple[int, int, int]] = {}
 
 
-def _compiled_resources(kernel, key: tuple, args: list, kwargs: dict) -> tuple[int, int, int]:
+def _compiled_resources(kernel, key: tuple, args: list, kwargs: dict) -> tuple[int, int, int] | None:
     """``(n_regs, shared, num_warps)`` of the compiled kernel for this specialisation, compiled ahead of its first
-    launch with ``warmup`` (no launch, no device data read) and cached by the compile-time flags in ``key``."""
+    launch with ``warmup`` (no launch, no device data read) and cached by the compile-time flags in ``key``; None
+    when a compilation hook took the compile over."""
     if key not in _RESOURCES:
         compiled = kernel.warmup(*args, grid=(1,), **kwargs)
         if hasattr(compiled, "result"):  # asynchronous compile mode
             compiled = compiled.result()
+        if compiled is None:
+            return None
         compiled._init_handles()  # loads the binary: n_regs is known from here on
         _RESOURCES[key] = (compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps)
     return _RESOURCES[key]
@@ -856,6 +878,7 @@ def top_theta_decode(
     split_flags = dict(flags, HEAD_DIM_V=head_dim_v, DV=dv, HAS_THETA=has_theta, CAP=use_cap, VMC=vmc,
                        STATS=return_stats)  # fmt: skip
     masks = (kp_mask, kp_prefix, kp_bounds, mask_arg, mask_n, mask_bounds)
+    max_tiles = triton.cdiv(seqlen_k, block_n)  # tiles of the longest possible key range
     mask_strides = (*kp_strides, *mask_strides)
 
     def buffers(splits: int, probe: bool) -> dict[str, object]:
@@ -863,7 +886,9 @@ def top_theta_decode(
         compile the same specialisation), and the same placeholder where a path is compiled out."""
         parts = batch * num_heads_q * seqlen_q * splits
         shapes = dict(lse_m=((parts,), torch.float32, post), lse_l=((parts,), torch.float32, post),
-                      cap_count=((parts,), torch.int32, use_cap), part_m=((parts,), torch.float32, True),
+                      cap_count=((parts,), torch.int32, use_cap),
+                      cap_tile=((batch * num_heads_q * seqlen_q, max_tiles), torch.int32, use_cap),
+                      part_m=((parts,), torch.float32, True),
                       part_l=((parts,), torch.float32, True), part_lk=((parts,), torch.float32, True),
                       part_n=((parts,), torch.int32, True), part_acc=((parts, head_dim_v), torch.float32, True),
                       part_vsum=((parts, head_dim_v), torch.float32, vmc))  # fmt: skip
@@ -879,10 +904,10 @@ def top_theta_decode(
     def split_args(splits: int, buf: dict) -> list:
         return [
             query, key, value, theta_arg, sinks_arg, *masks, buf["lse_m"], buf["lse_l"], buf["cap_count"],
-            buf["part_m"], buf["part_l"], buf["part_lk"], buf["part_n"], buf["part_acc"], buf["part_vsum"],
-            buf["kv_flags"], *query.stride(), *key.stride(), *value.stride(), *mask_strides,
+            buf["cap_tile"], buf["part_m"], buf["part_l"], buf["part_lk"], buf["part_n"], buf["part_acc"],
+            buf["part_vsum"], buf["kv_flags"], *query.stride(), *key.stride(), *value.stride(), *mask_strides,
             num_heads_q, num_heads_kv, seqlen_k, q_offset, splits, row_blocks, mask_rows, mask_head_step,
-            theta_len, k_dense, cap, sm_scale, qk_scale, softcap,
+            theta_len, max_tiles, k_dense, cap, sm_scale, qk_scale, softcap,
         ]  # fmt: skip
 
     if num_splits is None:
@@ -894,11 +919,12 @@ def top_theta_decode(
             probe = split_args(1, buffers(1, probe=True))
             resources = _compiled_resources(_decode_split_kernel, key_flags, probe, split_flags)
             limits = _device_limits(device.index if device.index is not None else torch.cuda.current_device())
-            slots = resident_ctas_per_sm(*resources, limits) * limits.sm_count
+            resident = 1 if resources is None else max(1, resident_ctas_per_sm(*resources, limits))
+            slots = resident * limits.sm_count
         else:
             slots = config.DECODE_INTERPRET_SLOTS
-        num_splits = choose_num_splits(programs, triton.cdiv(max(keys, 1), block_n), slots,
-                                       config.DECODE_MAX_SPLITS, config.DECODE_SPLIT_OVERHEAD_TILES)  # fmt: skip
+        num_splits = choose_num_splits(programs, triton.cdiv(max(keys, 1), block_n), slots, config.DECODE_MAX_SPLITS,
+                                       config.DECODE_SPLIT_OVERHEAD_TILES, config.DECODE_SPLIT_TOLERANCE)  # fmt: skip
     grid = (num_splits * row_blocks * num_heads_kv * batch,)
     buf = buffers(num_splits, probe=False)
 
@@ -906,9 +932,9 @@ def top_theta_decode(
         if needed:
             _decode_score_pass_kernel[grid](
                 query, key, theta_arg, sinks_arg, *masks, buf["lse_m"], buf["lse_l"], buf["cap_count"],
-                *query.stride(), *key.stride(), *mask_strides,
+                buf["cap_tile"], *query.stride(), *key.stride(), *mask_strides,
                 num_heads_q, num_heads_kv, seqlen_k, q_offset, num_splits, row_blocks, mask_rows, mask_head_step,
-                theta_len, k_dense, sm_scale, qk_scale, softcap,
+                theta_len, max_tiles, k_dense, sm_scale, qk_scale, softcap,
                 PASS=pass_kind, **flags,
             )  # fmt: skip
     _decode_split_kernel[grid](*split_args(num_splits, buf), **split_flags)
