@@ -46,6 +46,19 @@ def soft_cap(s, softcap):
     return softcap * (1.0 - 2.0 / (e + 1.0))
 
 
+@triton.jit
+def maximum_nan(a, b):
+    """Elementwise maximum that propagates NaN (``tl.maximum`` drops it by default); also a ``tl.reduce`` combine.
+    Row maxima use it so that a NaN score makes its row NaN (kernel spec, decision 5)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def max_nan(x, axis: tl.constexpr):
+    """``tl.max(x, axis)`` that is NaN wherever the reduced slice holds a NaN."""
+    return tl.reduce(x, axis, maximum_nan)
+
+
 # ---- what the kernels cannot run --------------------------------------------------------------------------------
 
 

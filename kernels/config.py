@@ -10,6 +10,8 @@ Environment variables (all optional, read once at import):
 - ``SPARSE_ATTENTION_REGULARIZER_BLOCK_M`` / ``SPARSE_ATTENTION_REGULARIZER_BLOCK_N`` (default 64, or 16 under
   ``TRITON_INTERPRET=1``): the tile shape of the fused condensation regularizer (powers of two >= 16; BLOCK_N is
   raised to the next power of two of k).
+- ``SPARSE_ATTENTION_DECODE_WARPS`` / ``SPARSE_ATTENTION_DECODE_STAGES`` (default 4 / 4): num_warps and num_stages of
+  the decode split and score-pass kernels (never autotuned).
 """
 
 from __future__ import annotations
@@ -57,19 +59,37 @@ REGULARIZER_MAX_K = 128
 REGULARIZER_BLOCK_M = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_M", 16 if INTERPRET else 64)
 REGULARIZER_BLOCK_N = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_N", 16 if INTERPRET else 64)
 
-# Decode (kernels/decode.py): split-K flash-decoding.
-# (num_warps, num_stages) of the decode split kernels; the first is used when autotuning is off.
-DECODE_WARPS_STAGES = ((4, 2), (4, 3), (8, 2), (2, 2))
-# Bytes of one K (or V) tile: BLOCK_N = DECODE_TILE_BYTES / (head dim · element size), clamped to 16..128 keys.
-DECODE_TILE_BYTES = 16384
-# Split count: aim for this many programs per SM (several, because a tile's V load waits on its own scores), but give
-# no split fewer keys than the minimum. Not yet tuned on a GPU.
-DECODE_PROGRAMS_PER_SM = 4
-DECODE_MIN_KEYS_PER_SPLIT = 256
+# Decode (kernels/decode.py): split-K flash-decoding. Read at call time, so tests may patch them.
+# (num_warps, num_stages) of the decode kernels. Never autotuned: the split count is computed from the compiled kernel's
+# registers and shared memory, and an autotuner's benchmarking could not run inside a CUDA-graph capture.
+# SPARSE_ATTENTION_DECODE_WARPS / SPARSE_ATTENTION_DECODE_STAGES override them.
+DECODE_NUM_WARPS = _env_int("SPARSE_ATTENTION_DECODE_WARPS", 4)
+DECODE_NUM_STAGES = _env_int("SPARSE_ATTENTION_DECODE_STAGES", 4)
+# The (num_warps, num_stages) settings the GPU tests and the compile report sweep; the first is the default above.
+DECODE_WARPS_STAGES = ((4, 4), (4, 3), (4, 2), (8, 4))
+# Bytes of one K tile: BLOCK_N = DECODE_TILE_BYTES / (head dim · element size), clamped to 16..128 keys. With 4 warps
+# and 4 stages (the K and V loads of the next two tiles in flight while a tile computes), 32 bf16 keys of head dim
+# 128 compile to 118 registers and 53 KiB of shared memory on sm_90a (triton 3.6): 4 programs per SM. 64-key tiles
+# at 3 stages: 145 registers, 70 KiB, 3 per SM.
+DECODE_TILE_BYTES = 8192
+# Split count (decode.choose_num_splits, a wave model): at most this many splits, a split's fixed cost (query load,
+# pipeline fill, partial stores) in tiles, and the relative cost margin within which fewer splits win. Predictions,
+# not yet measured on a GPU.
 DECODE_MAX_SPLITS = 64
+DECODE_SPLIT_OVERHEAD_TILES = 2
+DECODE_SPLIT_TOLERANCE = 0.02
+# Resident programs per SM assumed under TRITON_INTERPRET=1 (there is no compiled kernel to ask), times one "SM".
+DECODE_INTERPRET_SLOTS = 8
+# Most resident CTAs per SM by compute capability (CUDA programming guide); other devices get the default.
+DECODE_MAX_CTAS_PER_SM = {(7, 5): 16, (8, 0): 32, (8, 6): 16, (8, 7): 16, (8, 9): 24, (9, 0): 32}
+DECODE_MAX_CTAS_PER_SM_DEFAULT = 16
 # Most packed query rows (query heads of a kv group x query rows) per program; wider groups run in row blocks.
 DECODE_MAX_BLOCK_M = 64
-# Splits the combine kernel merges per step, and keys per step of the scans over whole rows (mask counts, kept-V-row
-# flags).
-DECODE_COMBINE_BLOCK_S = 16
+# Splits per step of the merges inside the split kernels ("post", cap). The combine kernel reads as many splits per
+# step as fit DECODE_COMBINE_TILE partial-output elements (16 float32 registers per thread at DECODE_COMBINE_WARPS):
+# fewer steps, fewer dependent memory round trips.
+DECODE_MERGE_BLOCK_S = 16
+DECODE_COMBINE_TILE = 2048
+DECODE_COMBINE_WARPS = 4
+# Keys per step of the scans over whole rows (general-mask counts, kept-V-row flags).
 DECODE_SCAN_BLOCK_K = 1024
