@@ -22,27 +22,11 @@ Plain PyTorch::
             optimizer.step()
             optimizer.zero_grad()
 
-transformers' ``Trainer``: add the penalty in ``compute_loss``::
-
-    class CondensationTrainer(transformers.Trainer):
-        def __init__(self, *args, condensation, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.condensation = condensation
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            reg = self.condensation
-            loss = loss + reg.lam_at(self.state.global_step) * reg.loss  # zero in evaluation
-            return (loss, outputs) if return_outputs else loss
+transformers' ``Trainer``: :class:`sparse_attention.CondensationTrainer` adds ``reg.lam_at(global_step) · reg.loss``
+to the ``Trainer``'s loss (λ ramps by optimizer steps, and keeps its weight under gradient accumulation)::
 
     with sparse_attention.condensation(model, k=16, warmup=100) as reg:
-        CondensationTrainer(model=model, args=args, train_dataset=data, condensation=reg).train()
-
-``lam_at(self.state.global_step)`` ramps λ by optimizer steps rather than forward passes, which differ under gradient
-accumulation. With ``gradient_accumulation_steps = G`` and a model whose loss takes ``num_items_in_batch`` (most causal
-LMs), Trainer does not divide the loss by G, so pass ``lam / G`` to keep the same weight.
+        sparse_attention.CondensationTrainer(model=model, args=args, train_dataset=data, condensation=reg).train()
 
 Gradient checkpointing re-runs layers during the backward pass; those calls record again, harmlessly: the records are
 dropped at the next forward of the model.
