@@ -9,6 +9,10 @@ Commands:
 Every command takes ``--model`` (a local directory or a hub id; default: the shipped model), ``--text`` (files or
 directories of text; default: the matching split of the Python standard library), ``--k``, ``--placement``,
 ``--sdc``, ``--vmc`` and ``--device``. Bad input prints one line and exits with status 2.
+
+``calibrate`` and ``train`` also run under ``torchrun --nproc-per-node N -m sparse_attention ...``: every process
+computes (its share of the calibration batches; its share of each training batch, under DDP), only rank 0 writes files
+and prints, and the results equal those of one process.
 """
 
 from __future__ import annotations
@@ -26,13 +30,74 @@ class UsageError(ValueError):
     """An input problem reported as one line, without a traceback."""
 
 
+# ---- Under a launcher (torchrun): one process group, rank 0 writes --------------------------------------------------
+
+
+def _launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started this process as one of several."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _start_group(args) -> bool:
+    """Initialise torch.distributed from the launcher's environment (gloo on CPU, NCCL on CUDA, where ``--device cuda``
+    becomes this process's GPU, ``cuda:LOCAL_RANK``); True when this call initialised it."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if not _launched() or dist.is_initialized():
+        return False
+    if args.command not in ("calibrate", "train"):
+        raise UsageError(f"{args.command} runs in one process: launch it without torchrun")
+    device = torch.device(args.device or "cpu")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _rank0() -> bool:
+    from .ops import distributed
+
+    return distributed.rank(distributed.resolve_group("auto")) == 0
+
+
+def _on_rank0(write) -> None:
+    """Run ``write()`` on rank 0 only; every process then raises if it failed there, so all exit alike."""
+    import torch
+
+    from .ops import distributed
+
+    group = distributed.resolve_group("auto")
+    error = None
+    if distributed.rank(group) == 0:
+        try:
+            write()
+        except Exception as exc:  # re-raised below, after the other processes heard of it
+            error = exc
+    failed = distributed.all_reduce(torch.tensor([error is not None], dtype=torch.int32), group)
+    if error is not None:
+        raise error
+    if int(failed) > 0:
+        raise UsageError("rank 0 failed to write the results (its error is above)")
+
+
+# ---- End of the launcher helpers ------------------------------------------------------------------------------------
+
+
 def _load(args):
     import torch
 
     from .recipes.default_model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
-    if args.quiet:
+    if args.quiet or not _rank0():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -127,22 +192,27 @@ def cmd_demo(args) -> int:
 def cmd_calibrate(args) -> int:
     from .hf.backend import configure
     from .hf.calibration import calibrate
+    from .ops.distributed import shard
     from .recipes.data import batches, token_windows
 
     texts = _texts(args, "calibration")
     model, tokenizer = _load(args)
     windows = token_windows(tokenizer, texts, _seq_len(args, model), args.calib_windows)
     th = calibrate(
-        model, batches(windows, args.batch_size), k=args.k[0], placement=args.placement, sigma=args.sigma,
+        model, shard(batches(windows, args.batch_size)), k=args.k[0], placement=args.placement, sigma=args.sigma,
         dense_layers=args.dense_layers, progress=not args.quiet,
     )  # fmt: skip
-    path = th.save(args.out)
-    print(f"calibrated k={th.k} placement={th.placement} on {windows.shape[0]} windows: wrote {path}")
-    if args.save_model:
-        configure(model, th, sdc=args.sdc, vmc=args.vmc, backend=args.backend)
-        model.save_pretrained(args.save_model)
-        tokenizer.save_pretrained(args.save_model)
-        print(f"wrote a configured checkpoint to {args.save_model} (load it with attn_implementation='top_theta')")
+
+    def write() -> None:
+        path = th.save(args.out)
+        print(f"calibrated k={th.k} placement={th.placement} on {windows.shape[0]} windows: wrote {path}")
+        if args.save_model:
+            configure(model, th, sdc=args.sdc, vmc=args.vmc, backend=args.backend)
+            model.save_pretrained(args.save_model)
+            tokenizer.save_pretrained(args.save_model)
+            print(f"wrote a configured checkpoint to {args.save_model} (load it with attn_implementation='top_theta')")
+
+    _on_rank0(write)
     return 0
 
 
@@ -175,7 +245,7 @@ def cmd_train(args) -> int:
     every = max(1, args.steps // 20)
 
     def log(entry) -> None:
-        if entry.step % every == 0 or entry.step == args.steps - 1:
+        if (entry.step % every == 0 or entry.step == args.steps - 1) and _rank0():
             print(entry, flush=True)
 
     history = finetune(
@@ -186,11 +256,15 @@ def cmd_train(args) -> int:
     )  # fmt: skip
     out = Path(args.out)
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    meta = {"command": " ".join(["sparse-attention", *args.argv]), "k": args.k[0], "lam": args.lam}
-    (out / "train_log.json").write_text(json.dumps({**meta, "steps": [e.to_dict() for e in history]}, indent=1))
-    print(f"wrote the fine-tuned checkpoint and train_log.json to {out}")
+
+    def write() -> None:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        meta = {"command": " ".join(["sparse-attention", *args.argv]), "k": args.k[0], "lam": args.lam}
+        (out / "train_log.json").write_text(json.dumps({**meta, "steps": [e.to_dict() for e in history]}, indent=1))
+        print(f"wrote the fine-tuned checkpoint and train_log.json to {out}")
+
+    _on_rank0(write)
     return 0
 
 
@@ -260,11 +334,23 @@ def main(argv=None) -> int:
         parser.error("--seq-len must be >= 2")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    started = False
+    code = 2
     try:
-        return args.func(args)
+        started = _start_group(args)
+        code = args.func(args)
+        return code
     except (ValueError, TypeError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        code = 130
         return 130
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            if code == 0:
+                dist.barrier()  # a process that failed exits at once; the launcher then stops the others
+            dist.destroy_process_group()
