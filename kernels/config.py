@@ -50,12 +50,27 @@ PREFILL_CONFIGS = (
 # The single prefill config under TRITON_INTERPRET=1: small tiles keep several tiles per row in small tests.
 PREFILL_INTERPRET_CONFIG = (32, 16, 4, 1)
 
-# Condensation regularizer (kernels/regularizer.py). One tile shape serves its forward and both backward kernels and is
-# never autotuned: the backward recomputes each score and compares it bit for bit with the forward's top-k threshold.
+# Condensation regularizer (kernels/regularizer.py). One tile shape and one number of warps serve its forward and both
+# backward kernels and are never autotuned: the backward recomputes each score and compares it bit for bit with the
+# forward's top-k threshold, and the score tile's layout (hence its rounding) follows from shape and warps.
 # The running top-k buffer is [BLOCK_M, BLOCK_N] registers, hence the bound on k.
 REGULARIZER_MAX_K = 128
 REGULARIZER_BLOCK_M = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_M", 16 if INTERPRET else 64)
 REGULARIZER_BLOCK_N = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_N", 16 if INTERPRET else 64)
+# Pipeline depth of the K (forward, dQ) and Q (dK) tile loads.
+REGULARIZER_NUM_STAGES = 2
+# Float32 products run in full precision on the FMA units ("ieee"), whose operands live in registers: a float32 score
+# tile holds at most this many scores (BLOCK_M shrinks when k widens BLOCK_N) and gets twice the warps. Larger float32
+# tiles spill kilobytes per thread on sm_90.
+REGULARIZER_FP32_MAX_TILE = 64 * 64
+
+
+def regularizer_num_warps(block_m: int, block_n: int, fp32: bool) -> int:
+    """Warps of the three regularizer kernels for a ``[block_m, block_n]`` score tile: the sorting network keeps several
+    tiles of that shape live, and 4 warps spill at 64 x 64 on sm_90 (float32: 8 warps do)."""
+    warps = 8 if block_m * block_n >= 64 * 64 else 4
+    return 2 * warps if fp32 else warps
+
 
 # Decode (kernels/decode.py): split-K flash-decoding.
 # (num_warps, num_stages) of the decode split kernels; the first is used when autotuning is off.
