@@ -45,15 +45,19 @@ those that fell off the end of the buffer; the forward keeps, per row, the numbe
 buffer's current minimum. The backward decides top-k membership by comparing its recomputed scores with ``t_i``
 exactly, so the forward and both backward kernels compute every score with the same code (:func:`_tile_scores`), on
 the same tile (fixed tile origins, above: walking fewer tiles never moves a score to another tile), with the same tile
-shape and number of warps (``kernels/config.py``, never autotuned); on sm_90 all three lower the score product to
-the same wgmma. Should a compiler ever round a recomputed score differently, only keys within an ulp of ``t_i`` could
-change sides, which gives the gradient at a neighbouring input.
+shape and number of warps (``kernels/config.py``, never autotuned). On sm_90 every score element comes from the
+same wgmma instruction (m64n64k16, over the head dim in the same order) in all three kernels; at k <= 64 (a 128 x 64
+tile) also with the same warp layout, while at k > 64 (64 x 128) the forward spreads the tile's columns over its two
+warpgroups and the backward kernels, whose score tile feeds a second product, compute it in both. Should a compiler
+ever round a recomputed score differently, only keys within an ulp of ``t_i`` could change sides, which gives the
+gradient at a neighbouring input.
 
 Supports float16, bfloat16 and float32 inputs (scores and statistics in float32; float32 dot products in full
 precision, "ieee"), any strides, head dims ``config.MIN_HEAD_DIM..MAX_HEAD_DIM`` (padded to a power of two), GQA,
 causal masking with any ``q_offset`` (Lq != Lk), key padding, a general boolean mask, softcap and sinks. Batch, head
 and tile-row offsets are int64; offsets inside a tile (at most ``BLOCK × stride``) are int32, so a row stride must
-stay below ``2**31 / 128`` elements. NaN in a query row or a key row its row sees makes the row's loss NaN.
+stay below ``2**31 / 128`` elements. NaN in a query row or in a key row the row sees makes the row's loss and the
+gradients NaN.
 
 Limits. ``1 <= k <= config.REGULARIZER_MAX_K`` (the buffer lives in registers; ``BLOCK_N`` grows to the next power
 of two of k, see :func:`kernels.common.unsupported_reason`). With a general ``attn_mask`` a NaN in a key row that no
@@ -331,10 +335,11 @@ def _regularizer_fwd_kernel(
         e_sink = tl.math.exp2((sink - shift) * LOG2E)
         l_i += e_sink
         z_top += e_sink
-    # Rows with no visible key and no sink (l_i = 0) get LSE -inf and mass 0; they are not regularized. No clamp:
-    # a NaN score must leave l_i, hence the row's loss, NaN.
-    lse_all = shift + tl.log(l_i)
-    mass = z_top / tl.where(l_i == 0.0, 1.0, l_i)
+    # Rows with no visible key and no sink (l_i = 0) are not regularized: they get LSE = shift and mass 0. No clamp of
+    # l_i: a NaN score must leave it, hence the row's loss, NaN.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    lse_all = shift + tl.log(l_safe)
+    mass = z_top / l_safe
     thresh = tl.sum(tl.where(offs_top == top_k - 1, top, 0.0), 1)
     n_above = tl.sum((top > thresh[:, None]).to(tl.int32), 1)
     n_tied = tl.sum((top == thresh[:, None]).to(tl.int32), 1) + tl.where(top_min == thresh, n_dropped, 0)
@@ -529,12 +534,13 @@ def _regularizer_bwd_dk_kernel(
 
 def tiles(k: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)``: the one shape of the forward and both backward kernels."""
-    block_n = max(MIN_DOT_SIDE, config.REGULARIZER_BLOCK_N, triton.next_power_of_2(k))
-    block_m = max(MIN_DOT_SIDE, config.REGULARIZER_BLOCK_M)
     fp32 = dtype == torch.float32
-    if fp32:
-        block_m = max(MIN_DOT_SIDE, min(block_m, config.REGULARIZER_FP32_MAX_TILE // block_n))
     head_dim_padded = max(MIN_DOT_SIDE, triton.next_power_of_2(head_dim))
+    block_n = max(MIN_DOT_SIDE, config.REGULARIZER_BLOCK_N, triton.next_power_of_2(k))
+    max_tile = config.REGULARIZER_MAX_TILE
+    if fp32:
+        max_tile = config.REGULARIZER_FP32_MAX_TILE * 128 // max(128, head_dim_padded)
+    block_m = max(MIN_DOT_SIDE, min(config.REGULARIZER_BLOCK_M, max_tile // block_n))
     return block_m, block_n, head_dim_padded, config.regularizer_num_warps(block_m, block_n, fp32)
 
 
