@@ -424,6 +424,7 @@ def _regularizer_bwd_dq_kernel(
             seqlen_q, seqlen_k, q_offset, sm_scale, softcap,
             CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
+        # [BLOCK_M, BLOCK_N]
         ds = _score_grad(s, lse, thresh, c_above, c_tie, c_below, softcap, HAS_SOFTCAP=HAS_SOFTCAP)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
         if COUNT_TILES:
@@ -512,6 +513,7 @@ def _regularizer_bwd_dk_kernel(
             seqlen_q, seqlen_k, q_offset, sm_scale, softcap,
             CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
+        # [BLOCK_M, BLOCK_N]
         ds = _score_grad(s, lse, thresh, c_above, c_tie, c_below, softcap, HAS_SOFTCAP=HAS_SOFTCAP)
         acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
         if COUNT_TILES:
