@@ -59,8 +59,8 @@ REGULARIZER_BLOCK_M = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_M", 16 if INT
 REGULARIZER_BLOCK_N = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_N", 16 if INTERPRET else 64)
 # Most scores in one [BLOCK_M, BLOCK_N] tile: BLOCK_M shrinks when k widens BLOCK_N (to 64 rows at k > 64 on sm_90,
 # where 128 x 128 spills in dK). Float32 products run in full precision on the FMA units ("ieee"), whose operands
-# live in registers, so float32 tiles are half as large (a quarter at head dim 256) and get twice the warps; larger
-# ones spill kilobytes per thread on sm_90.
+# live in registers, so float32 tiles are half as large (a quarter at head dim 256) and get 16 warps; larger ones
+# spill kilobytes per thread on sm_90 (ptxas of CUDA 12.8, the GPU image's Triton 3.6).
 REGULARIZER_MAX_TILE = 128 * 64
 REGULARIZER_FP32_MAX_TILE = 64 * 64  # at head dims up to 128; halved per doubling above
 # Pipeline depth of the K (forward, dQ) and Q (dK) tile loads; not yet timed on a GPU.
@@ -68,7 +68,8 @@ REGULARIZER_NUM_STAGES = 2
 
 
 def regularizer_num_warps(block_m: int, block_n: int, fp32: bool) -> int:
-    """Warps of the three regularizer kernels for a ``[block_m, block_n]`` score tile (4 warps spill at 64 x 64)."""
+    """Warps of the three regularizer kernels for a ``[block_m, block_n]`` score tile (16-bit inputs: 4 warps spill at
+    64 x 64; float32: see ``REGULARIZER_FP32_MAX_TILE``)."""
     if fp32:
         return 16 if block_m * block_n >= 32 * 64 else 8
     return 8 if block_m * block_n >= 64 * 64 else 4
