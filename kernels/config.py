@@ -7,9 +7,9 @@ Environment variables (all optional, read once at import):
 - ``SPARSE_ATTENTION_AUTOTUNE`` (default 1 on a GPU): 0 pins every kernel to its first config (useful to cut
   compile time). Under ``TRITON_INTERPRET=1`` there is always exactly one config, because the interpreter
   cannot run a multi-config autotune.
-- ``SPARSE_ATTENTION_REGULARIZER_BLOCK_M`` / ``SPARSE_ATTENTION_REGULARIZER_BLOCK_N`` (default 64, or 16 under
-  ``TRITON_INTERPRET=1``): the tile shape of the fused condensation regularizer (powers of two >= 16; BLOCK_N is
-  raised to the next power of two of k).
+- ``SPARSE_ATTENTION_REGULARIZER_BLOCK_M`` / ``SPARSE_ATTENTION_REGULARIZER_BLOCK_N`` (default 128 / 64, or 16 / 16
+  under ``TRITON_INTERPRET=1``): the tile shape of the fused condensation regularizer (powers of two >= 16; BLOCK_N is
+  raised to the next power of two of k, and BLOCK_M lowered to keep the tile within ``REGULARIZER_MAX_TILE``).
 - ``SPARSE_ATTENTION_DECODE_WARPS`` / ``SPARSE_ATTENTION_DECODE_STAGES`` (default 4 / 4): num_warps and num_stages of
   the decode split and score-pass kernels (never autotuned).
 """
@@ -52,12 +52,30 @@ PREFILL_CONFIGS = (
 # The single prefill config under TRITON_INTERPRET=1: small tiles keep several tiles per row in small tests.
 PREFILL_INTERPRET_CONFIG = (32, 16, 4, 1)
 
-# Condensation regularizer (kernels/regularizer.py). One tile shape serves its forward and both backward kernels and is
-# never autotuned: the backward recomputes each score and compares it bit for bit with the forward's top-k threshold.
+# Condensation regularizer (kernels/regularizer.py). One tile shape and one number of warps serve its forward and both
+# backward kernels and are never autotuned: the backward recomputes each score and compares it bit for bit with the
+# forward's top-k threshold, and the score tile's layout (hence its rounding) follows from shape and warps.
 # The running top-k buffer is [BLOCK_M, BLOCK_N] registers, hence the bound on k.
 REGULARIZER_MAX_K = 128
-REGULARIZER_BLOCK_M = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_M", 16 if INTERPRET else 64)
+REGULARIZER_BLOCK_M = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_M", 16 if INTERPRET else 128)
 REGULARIZER_BLOCK_N = _env_int("SPARSE_ATTENTION_REGULARIZER_BLOCK_N", 16 if INTERPRET else 64)
+# Most scores in one [BLOCK_M, BLOCK_N] tile: BLOCK_M shrinks when k widens BLOCK_N (to 64 rows at k > 64 on sm_90,
+# where 128 x 128 spills in dK). Float32 products run in full precision on the FMA units ("ieee"), whose operands
+# live in registers, so float32 tiles are half as large (a quarter at head dim 256) and get 16 warps; larger ones
+# spill kilobytes per thread on sm_90 (ptxas of CUDA 12.8, the GPU image's Triton 3.6).
+REGULARIZER_MAX_TILE = 128 * 64
+REGULARIZER_FP32_MAX_TILE = 64 * 64  # at head dims up to 128; halved per doubling above
+# Pipeline depth of the K (forward, dQ) and Q (dK) tile loads; not yet timed on a GPU.
+REGULARIZER_NUM_STAGES = 2
+
+
+def regularizer_num_warps(block_m: int, block_n: int, fp32: bool) -> int:
+    """Warps of the three regularizer kernels for a ``[block_m, block_n]`` score tile (16-bit inputs: 4 warps spill at
+    64 x 64; float32: see ``REGULARIZER_FP32_MAX_TILE``)."""
+    if fp32:
+        return 16 if block_m * block_n >= 32 * 64 else 8
+    return 8 if block_m * block_n >= 64 * 64 else 4
+
 
 # Decode (kernels/decode.py): split-K flash-decoding. Read at call time, so tests may patch them.
 # (num_warps, num_stages) of the decode kernels. Never autotuned: the split count is computed from the compiled kernel's
