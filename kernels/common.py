@@ -70,6 +70,16 @@ def unsupported_reason(op: str, query, key=None, value=None, *, k: int | None = 
                 f"{name} head dim {t.shape[-1]} is outside the {op} kernel's range "
                 f"{config.MIN_HEAD_DIM}..{config.MAX_HEAD_DIM}"
             )
+    if (
+        op == "prefill"
+        and query.dtype == torch.float32
+        and max(triton.next_power_of_2(t.shape[-1]) for t in (query, value) if t is not None)
+        > config.PREFILL_FP32_MAX_HEAD_DIM
+    ):
+        return (
+            f"float32 with a head dim above {config.PREFILL_FP32_MAX_HEAD_DIM} is not supported by the prefill kernel "
+            "(every tile config spills registers there); use float16/bfloat16 or the reference"
+        )
     if k is not None and k > config.REGULARIZER_MAX_K:
         return f"k = {k} exceeds the fused regularizer's maximum {config.REGULARIZER_MAX_K}"
     return None
