@@ -73,6 +73,7 @@ from .common import LOG2E, SDC_CODES, SDC_EXACT, SDC_NONE, SDC_THRESHOLD, safe_s
 MASK_NONE = tl.constexpr(0)  # causal / length limits only
 MASK_KEYS = tl.constexpr(1)  # key_padding: per-batch key bits, prefix counts and bounds
 MASK_FULL = tl.constexpr(2)  # a general [B, Hq, Lq, Lk] boolean view: per-tile [BLOCK_M, BLOCK_N] loads
+MASK_SHARED = tl.constexpr(3)  # a general mask equal for every query row (zero row stride): per-tile [BLOCK_N] loads
 
 # Main-loop strategies of sparse mode (the ``variant`` argument), kept so that a GPU run can time them. Triton's
 # software pipeliner turns only loads that feed a dot at the top level of the loop into async copies, so a P·V product
@@ -93,11 +94,32 @@ class PrefillResult(NamedTuple):
     out: torch.Tensor  # [B, Hq, Lq, Dv], the query dtype
     kept: torch.Tensor | None  # [B, Hq, Lq]: kept keys per row after cap (-1 where the row is NaN)
     visible: torch.Tensor | None  # [B, Hq, Lq]: visible keys per row (n_i)
-    skipped_tiles: torch.Tensor | None  # 0-d: walked K/V tiles with nothing kept (their P·V skipped)
+    skipped_tiles: torch.Tensor | None  # 0-d: walked K/V tiles with nothing kept (skipped by the skip variants)
     total_tiles: torch.Tensor | None  # 0-d: walked K/V tiles of the main pass
 
 
 # ---- @triton.jit helpers ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mask_bits(
+    mask_ptr, start_n, seqlen_q, seqlen_k, stride_mm, stride_mn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHARED_ROWS: tl.constexpr,
+):  # fmt: skip
+    """A general mask's ``[BLOCK_M, BLOCK_N]`` bits for the keys from ``start_n`` (False outside the lengths);
+    ``mask_ptr`` points at the program's first row, and ``seqlen_q`` counts the valid rows from there. With
+    SHARED_ROWS (a zero row stride) one ``[BLOCK_N]`` row serves every query row."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    cols = tl.arange(0, BLOCK_N)
+    tile_ptr = mask_ptr + tl.cast(start_n, tl.int64) * stride_mn
+    if SHARED_ROWS:
+        bits = tl.load(tile_ptr + cols * stride_mn, mask=offs_n < seqlen_k, other=0)  # [BLOCK_N]
+        return tl.broadcast_to((bits != 0)[None, :], (BLOCK_M, BLOCK_N))
+    else:
+        rows = tl.arange(0, BLOCK_M)
+        in_bounds = (rows < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
+        bits = tl.load(tile_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=in_bounds, other=0)
+        return bits != 0  # [BLOCK_M, BLOCK_N]
 
 
 @triton.jit
@@ -119,17 +141,11 @@ def _visible(
     vis = tl.broadcast_to(key_ok[None, :], (BLOCK_M, BLOCK_N))  # [BLOCK_M, BLOCK_N]
     if DIAG and CAUSAL:
         vis = vis & (offs_n[None, :] < row_end[:, None])
-    if MASK_MODE == MASK_FULL:
-        rows = tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
-        m_ptrs = (
-            mask_ptr + tl.cast(start_n, tl.int64) * stride_mn
-            + rows[:, None] * stride_mm + cols[None, :] * stride_mn
+    if MASK_MODE >= MASK_FULL:
+        vis = vis & _mask_bits(
+            mask_ptr, start_n, seqlen_q, seqlen_k, stride_mm, stride_mn,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SHARED_ROWS=MASK_MODE == MASK_SHARED,
         )  # fmt: skip
-        # seqlen_q counts the valid rows from the program's first row: mask_ptr points at that row.
-        in_bounds = (rows < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
-        bits = tl.load(m_ptrs, mask=in_bounds, other=0)  # [BLOCK_M, BLOCK_N]
-        vis = vis & (bits != 0)
     return vis
 
 
@@ -214,14 +230,13 @@ def _row_lengths(
         n = tl.load(prefix_ptr + key_end * stride_cn)
     else:
         n = tl.zeros([BLOCK_M], dtype=tl.int32)
-        rows = tl.arange(0, BLOCK_M)
         for start_n in range(0, key_hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-            m_ptrs = mask_ptr + rows[:, None] * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
-            bits = tl.load(m_ptrs, mask=(rows < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :], other=0)
-            vis = bits != 0  # [BLOCK_M, BLOCK_N]
+            vis = _mask_bits(
+                mask_ptr, start_n, seqlen_q, seqlen_k, stride_mm, stride_mn,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SHARED_ROWS=MASK_MODE == MASK_SHARED,
+            )  # fmt: skip
             if CAUSAL:
-                vis = vis & (offs_n[None, :] < row_end[:, None])
+                vis = vis & ((start_n + tl.arange(0, BLOCK_N))[None, :] < row_end[:, None])
             n += tl.sum(vis.to(tl.int32), 1)
     return n
 
@@ -238,20 +253,19 @@ def _visible_v_sum(
     v_ptr, mask_ptr, row_end, key_hi, seqlen_q, seqlen_k, offs_dv, head_dim_v, stride_vn, stride_vd, stride_mm,
     stride_mn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_V: tl.constexpr, EVEN_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``Σ_{j visible} v_j`` per row ``[BLOCK_M, HEAD_DIM_V]`` under a general mask, where no prefix sum of V can give
     it: a pass over the mask bits and V after the main loop (run there so that its accumulator is not live at the
     same time as the main loop's)."""
     v_sum = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    rows = tl.arange(0, BLOCK_M)
     for start_n in range(0, key_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        m_ptrs = mask_ptr + rows[:, None] * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
-        bits = tl.load(m_ptrs, mask=(rows < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :], other=0)
-        vis = bits != 0  # [BLOCK_M, BLOCK_N]
+        vis = _mask_bits(
+            mask_ptr, start_n, seqlen_q, seqlen_k, stride_mm, stride_mn,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SHARED_ROWS=MASK_MODE == MASK_SHARED,
+        )  # fmt: skip
         if CAUSAL:
-            vis = vis & (offs_n[None, :] < row_end[:, None])
+            vis = vis & ((start_n + tl.arange(0, BLOCK_N))[None, :] < row_end[:, None])
         v = _value_tile(
             v_ptr, start_n, offs_dv, seqlen_k, head_dim_v, stride_vn, stride_vd,
             BLOCK_N=BLOCK_N, EVEN_DV=EVEN_DV, MASKED=True,
@@ -298,11 +312,12 @@ def _attn_inner(
 ):  # fmt: skip
     """The main pass over ``num_tiles`` K/V tiles from ``tile_start`` (leftwards with REVERSE).
 
-    Without SPARSE this is the FlashAttention-2 loop. With SPARSE, key j of row i is kept when ``x_ij > row_cut_i``
-    ("pre": the threshold in kernel units, -inf for rows never pruned, +inf for rows past the end) or when
-    ``(x_ij - m_i)·qk_scale > row_cut_i`` ("post": ``log2(θ·D_all)``, with ``m_i`` and ``l_i`` final from the
-    log-sum-exp pass). With CAP only the ``cap_row`` kept keys furthest right stay kept. ``l_kept`` sums the kept
-    weights (the sink included from the start), ``kept`` counts kept keys, ``skipped`` counts tiles with none.
+    Without SPARSE this is the FlashAttention-2 loop. With SPARSE, key j of row i is kept when its exponent
+    ``z_ij = (x_ij - m_i)·qk_scale`` beats the row's cut: ``(row_cut_i - m_i)·qk_scale`` for "pre" (``row_cut`` the
+    threshold in kernel units, -inf for rows never pruned, +inf for rows past the end), ``row_cut_i = log2(θ·D_all)``
+    for "post" (``m_i`` and ``l_i`` final from the log-sum-exp pass). With CAP only the ``cap_row`` kept keys furthest
+    right stay kept. ``l_kept`` sums the kept weights (the sink included from the start), ``kept`` counts kept keys,
+    ``skipped`` the tiles with none (when counted).
     """
     STEP: tl.constexpr = -BLOCK_N if REVERSE else BLOCK_N
     # Where the V tile is loaded: in the pipeline (the dot that reads it is unconditional), one iteration ahead into
@@ -469,7 +484,7 @@ def _top_theta_prefill_kernel(
 
     # n_i, the number of visible keys of each row, is needed before the walk: the threshold depends on it.
     prefix_ptr = PadPrefix + off_b * stride_cb
-    NEED_N: tl.constexpr = HAS_THETA or RETURN_STATS or MASK_MODE != MASK_FULL
+    NEED_N: tl.constexpr = HAS_THETA or RETURN_STATS or MASK_MODE < MASK_FULL
     if NEED_N:
         n = _row_lengths(
             prefix_ptr, mask_ptr, row_end, key_hi, rows_left, seqlen_k, stride_cn, stride_mm, stride_mn,
@@ -563,7 +578,7 @@ def _top_theta_prefill_kernel(
     )  # fmt: skip
 
     # Epilogue. The row lengths and thresholds are computed again rather than kept live across the loop (registers).
-    if MASK_MODE != MASK_FULL:
+    if MASK_MODE < MASK_FULL:
         n = _row_lengths(
             prefix_ptr, mask_ptr, row_end, key_hi, rows_left, seqlen_k, stride_cn, stride_mm, stride_mn,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, MASK_MODE=MASK_MODE,
@@ -594,12 +609,12 @@ def _top_theta_prefill_kernel(
     if HAS_THETA and VMC:
         # The pruned mass 1 - p_sink - Σ_kept p, spread evenly over the visible V rows (0 where none is visible).
         v_weight = (1.0 - l_kept / denom) / tl.maximum(n, 1).to(tl.float32)  # [BLOCK_M]
-        if MASK_MODE == MASK_FULL:
+        if MASK_MODE >= MASK_FULL:
             v_sum = _visible_v_sum(
                 v_ptr, mask_ptr, row_end, key_hi, rows_left, seqlen_k, offs_dv, head_dim_v, stride_vn, stride_vd,
                 stride_mm, stride_mn,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM_V=HEAD_DIM_V, EVEN_DV=EVEN_DV, CAUSAL=CAUSAL,
-                DOT_PRECISION=DOT_PRECISION,
+                MASK_MODE=MASK_MODE, DOT_PRECISION=DOT_PRECISION,
             )  # fmt: skip
         else:
             # Σ_{j < key_end} v_j from the launcher's prefix sum (padding keys zeroed there).
@@ -804,10 +819,10 @@ def top_theta_prefill(
     pad_mask, pad_prefix, pad_bounds = placeholder, placeholder, placeholder
     pad_strides = (0, 0, 0, 0, 0, 0)
     if attn_mask is not None:
-        mask_mode = MASK_FULL.value
         full = attn_mask.expand(b, hq, lq, lk)  # a view (zero strides where broadcast), never materialised
         mask_arg = full.view(torch.uint8)
-        mask_strides = full.stride()
+        mask_strides = tuple(0 if full.shape[i] == 1 else full.stride(i) for i in range(4))
+        mask_mode = MASK_SHARED.value if mask_strides[2] == 0 else MASK_FULL.value
     elif key_padding is not None:
         mask_mode = MASK_KEYS.value
         key_mask, pad_prefix, pad_bounds = key_padding
@@ -815,7 +830,7 @@ def top_theta_prefill(
         pad_strides = (*pad_mask.stride(), *pad_prefix.stride(), *pad_bounds.stride())
 
     v_prefix, prefix_strides = placeholder, (0, 0, 0)
-    if has_theta and vmc and mask_mode != MASK_FULL.value:
+    if has_theta and vmc and mask_mode < MASK_FULL.value:
         # The V mean of every row from a float32 prefix sum over keys (padding keys zeroed, not multiplied: a NaN in
         # a padding row must not reach any row).
         v_rows = value if key_padding is None else torch.where(key_padding[0][:, None, :, None], value, 0)
