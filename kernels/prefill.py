@@ -14,22 +14,22 @@ How it runs (read the file bottom-up: the launcher, the kernel, then the helpers
 - Scores stay in kernel units ``x``: the raw product ``q·k`` (the score is ``sm_scale·x``), or the capped score with
   ``softcap``. The row max ``m_i`` is a running max of ``x`` and every exponential is ``exp2((x - m_i) · qk_scale)``
   with one rounded constant ``qk_scale = sm_scale · log2(e)`` (one multiply per score), so that the error does not
-  grow with the score magnitude (spec decision 6). The keep test runs on the same exponent:
-  ``x > θ/sm_scale <=> (x - m_i)·qk_scale > (θ/sm_scale - m_i)·qk_scale``; "post" compares it with
+  grow with the score magnitude (spec decision 6). The keep test runs on the same exponent: with ``θ_x`` the
+  threshold in kernel units, ``x > θ_x <=> (x - m_i)·qk_scale > (θ_x - m_i)·qk_scale``; "post" compares it with
   ``log2(θ·D_all)``, so θ <= 0 keeps every visible key, also those whose probability underflows (issue D6).
 - Dense mode (``theta=None``) is its own compile-time path: no keep test, no reduction, no branch in the main loop.
-- Sparse mode, three main-loop strategies (``variant``), all with K and V loaded by async copies and both products on
-  wgmma at sm_90a (the compile report checks the default). Triton's software pipeliner makes async copies only of
-  loads that feed a dot at the top level of the loop, so a P·V product skipped by a branch cannot take a pipelined
-  V load with it, and predicating the V copy on the tile's own liveness aborts the Triton 3.6 pipeliner:
-  ``"pipelined"`` (default) keeps the FlashAttention loop and multiplies pruned scores as zeros: no per-tile
-  barrier, no work skipped; ``"skip_dot"`` prefetches the next tile's V into registers (the compiler turns that into
-  an async copy one iteration ahead) and skips the P·V product of a tile in which nothing is kept, at the price of
-  one CTA-wide reduction per tile and a V copy through registers; ``"skip_load"`` loads V and runs P·V only for live
-  tiles (a dead tile's V rows are never read), with the V load's latency exposed. Which wins depends on the share of
-  dead tiles; a cost model (a prediction, not a measurement: 128x64 tiles, D=128, H100 rates) puts "skip_dot" ahead
-  of "pipelined" only above about 40% dead tiles, more than the 1-33% measured on structured inputs on CPU
-  (benchmarks/NOTES.md), hence the default. A GPU run times all three.
+- Sparse mode has three main-loop strategies (``variant``). Triton's software pipeliner makes async copies only of
+  loads that feed a dot at the top level of the loop, so a P·V product skipped by a branch cannot take a pipelined V
+  load with it, and predicating the V copy on the tile's own liveness aborts the Triton 3.6 pipeliner.
+  ``"pipelined"`` (default) keeps the FlashAttention loop and multiplies pruned scores as zeros: K and V by async
+  copies, both products on wgmma at sm_90a, no per-tile barrier, and no work skipped. ``"skip_dot"`` prefetches the
+  next tile's V into registers (Triton 3.6 turns that into an async copy one iteration ahead; 3.9 keeps a plain
+  load) and skips the P·V product of a tile in which nothing is kept, at the price of one CTA-wide reduction per
+  tile and a V copy through registers. ``"skip_load"`` loads V and runs P·V only for live tiles (a dead tile's V rows
+  are never read), with the V load's latency exposed. Which wins depends on the share of dead tiles; a cost model (a
+  prediction, not a measurement: 128x64 tiles, D=128, H100 rates) puts "skip_dot" ahead of "pipelined" only above
+  about 40% dead tiles, more than the 1-33% measured on structured inputs on CPU (benchmarks/NOTES.md), hence the
+  default. A GPU run times all three.
 - ``cap`` walks the tiles right to left and counts the kept keys from the right (a reverse in-tile cumsum plus a
   running count), so only the ``cap`` most recent kept keys of a row stay kept.
 - Sinks start every row as a kept virtual key (``m_i`` = the sink, ``l_i`` = its weight).
@@ -49,12 +49,14 @@ synchronisation and no allocation beyond the outputs (and the V prefix sum of ``
 Limits: work is skipped per ``BLOCK_M x BLOCK_N`` tile, and only by the skip variants (the default multiplies pruned
 scores as zeros: see above); Q·Kᵀ and the exponentials stay dense, and placement "post" computes Q·Kᵀ twice; query
 heads of one kv group run in separate programs (K/V are re-read per head, from L2); a general mask costs a counting
-pass over the mask bits and, with ``vmc``, a pass over V after the main loop; the V mean of ``vmc`` otherwise comes
+pass over the mask bits and, with ``vmc``, a pass over V after the main loop (a per-row mask with ``vmc`` spills up to
+136 bytes at 128x64 tiles and D=128); the V mean of ``vmc`` otherwise comes
 from a float32 prefix sum of V that the launcher computes per call (a float32 copy of V); ``cap`` still walks every
 visible tile (no early exit once every row has its ``cap`` keys). float32 inputs run their dots as "tf32x3" (three
 tf32 products on the tensor cores: the low x low term is dropped, a relative error of about 2^-22 per product against
 2^-24 for IEEE float32; the float32 tolerance this meets is written in tests/kernels/test_prefill.py), on smaller
-tiles than 16-bit inputs (see ``config_fits``) and with some register spilling.
+tiles than 16-bit inputs (see ``config_fits``), spilling 0.3-1 KB of registers at D=128 (none at D <= 64); float32 with
+a head dim above 128 is refused (``unsupported_reason``: the reference runs it).
 """
 
 from __future__ import annotations
