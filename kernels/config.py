@@ -40,10 +40,12 @@ MAX_HEAD_DIM = 256
 # Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (Lq, Lk) power-of-two bucket, head dims,
 # causal, mask kind, placement and variant. Only configs that kernels.prefill.config_fits allows run, with autotuning
 # on and off alike (SPARSE_ATTENTION_AUTOTUNE=0 runs the first allowed one): the device's shared memory, the register
-# budget below, and for float32 the PREFILL_FP32_* limits. Chosen by the compile report (sm_90a, Triton 3.6.0):
-# every config here compiles without spilling in dense and sparse mode at the head dims the budget lets it run (<= 128,
-# and (64, 32, 8, 2) also at 256). (128, 128, 8, 3), the Hopper choice of Triton's fused-attention tutorial, spills
-# at D=128 (28 bytes dense, 68 sparse) and is not shipped; (64, 64, 4, 3) spills at D=128 in five of ten modes.
+# budget below, and for float32 the PREFILL_FP32_* limits. Chosen by the compile report (sm_90a, Triton 3.6.0): for
+# float16 and bfloat16 every config here compiles without spilling, with K and V by async copies and both products on
+# wgmma, in each mode the report covers (dense, sparse, post, vmc, stats, key mask, softcap, sinks) at the head dims
+# the budget lets it run (64 and 128; (64, 32, 8, 2) also 256). (128, 128, 8, 3), the Hopper choice of Triton's
+# fused-attention tutorial, spills at D=128 (28 bytes dense, 68 sparse) and is not shipped; (64, 64, 4, 3) spills at
+# D=128 in six of ten modes.
 PREFILL_CONFIGS = (
     (128, 64, 8, 3),
     (128, 64, 8, 2),
