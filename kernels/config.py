@@ -5,11 +5,15 @@ Environment variables (all optional, read once at import):
 - ``SPARSE_ATTENTION_DECODE_MAX_Q`` (default 4): calls with at most this many query rows use the split-K decode
   kernel; longer ones use the tiled prefill kernel.
 - ``SPARSE_ATTENTION_AUTOTUNE`` (default 1 on a GPU): 0 pins every kernel to its first config (useful to cut
-  compile time). Under ``TRITON_INTERPRET=1`` there is always exactly one config, because the interpreter
-  cannot run a multi-config autotune.
+  compile time); for prefill, the first config that fits the call (head dims, dtype, device shared memory). Under
+  ``TRITON_INTERPRET=1`` there is always exactly one config, because the interpreter cannot run a multi-config
+  autotune.
 - ``SPARSE_ATTENTION_REGULARIZER_BLOCK_M`` / ``SPARSE_ATTENTION_REGULARIZER_BLOCK_N`` (default 128 / 64, or 16 / 16
   under ``TRITON_INTERPRET=1``): the tile shape of the fused condensation regularizer (powers of two >= 16; BLOCK_N is
   raised to the next power of two of k, and BLOCK_M lowered to keep the tile within ``REGULARIZER_MAX_TILE``).
+- ``SPARSE_ATTENTION_PREFILL_VARIANT`` (default ``pipelined``): the prefill main-loop strategy of sparse mode,
+  ``pipelined`` (V by async copies, P·V in every tile with pruned scores zeroed), ``skip_dot`` (P·V skipped where a
+  tile keeps nothing) or ``skip_load`` (a dead tile's V is never read); see ``kernels/prefill.py``.
 - ``SPARSE_ATTENTION_DECODE_WARPS`` / ``SPARSE_ATTENTION_DECODE_STAGES`` (default 4 / 4): num_warps and num_stages of
   the decode split and score-pass kernels (never autotuned).
 """
@@ -37,20 +41,40 @@ AUTOTUNE = _env_int("SPARSE_ATTENTION_AUTOTUNE", 1) == 1 and not INTERPRET
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 
-# Prefill kernel tile configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (Lq, Lk) power-of-two bucket,
-# head dim, causal, mask kind, placement and vmc. The first is the one kept when SPARSE_ATTENTION_AUTOTUNE=0. Configs
-# whose estimated shared memory does not fit the device for the call's head dim and dtype are pruned at launch.
+# ---- Prefill (kernels/prefill.py) ----------------------------------------------------------------------------------
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (Lq, Lk) power-of-two bucket, head dims,
+# causal, mask kind, placement and variant. Only configs that kernels.prefill.config_fits allows run, with autotuning
+# on and off alike (SPARSE_ATTENTION_AUTOTUNE=0 runs the first allowed one): the device's shared memory, the register
+# budget below, and for float32 the PREFILL_FP32_* limits. Chosen by the compile report (sm_90a, Triton 3.6.0): for
+# float16 and bfloat16 every config here compiles without spilling, with K and V by async copies and both products on
+# wgmma, in each mode the report covers (dense, sparse, post, vmc, stats, key mask, softcap, sinks) at the head dims
+# the budget lets it run (64 and 128; (64, 32, 8, 2) also 256). (128, 128, 8, 3), the Hopper choice of Triton's
+# fused-attention tutorial, spills at D=128 (28 bytes dense, 68 sparse) and is not shipped; (64, 64, 4, 3) spills at
+# D=128 in six of ten modes.
 PREFILL_CONFIGS = (
     (128, 64, 8, 3),
-    (128, 64, 4, 2),
-    (128, 32, 4, 3),
-    (64, 64, 4, 3),
+    (128, 64, 8, 2),
+    (128, 32, 8, 3),
     (64, 32, 4, 2),
-    (64, 32, 4, 1),
-    (32, 32, 4, 1),
+    (64, 32, 4, 3),
+    (64, 32, 8, 2),
 )
 # The single prefill config under TRITON_INTERPRET=1: small tiles keep several tiles per row in small tests.
 PREFILL_INTERPRET_CONFIG = (32, 16, 4, 1)
+# Sparse mode's main loop (kernels/prefill.py VARIANTS). "pipelined" by the cost model of the prefill header: at the
+# dead-tile fractions measured on structured inputs (< 15 % of 128 x 64 tiles) skipping P·V costs the pipeline more
+# than it saves. A GPU run times all three.
+PREFILL_VARIANT = os.environ.get("SPARSE_ATTENTION_PREFILL_VARIANT", "pipelined")
+# Register budget: float32 accumulator and score values per thread, BLOCK_M * (HEAD_DIM_V + BLOCK_N) / (32 * num_warps)
+# with the padded value head dim. 96 admits (128, 64, 8, x) up to D=128 and only (64, 32, 8, 2) at D=256, where the
+# others spill (compile report).
+PREFILL_MAX_ACC_PER_THREAD = 96
+# float32 inputs (tf32x3 dots: three tf32 products, their split operands staged in shared memory and registers) run
+# only these configs, and only up to this padded head dim: at D=128 they spill about 0.3 KB (D=64: none), every
+# other config spills more or does not fit 227 KiB of shared memory, and at D=256 every config spills 3 KB or more,
+# so unsupported_reason sends such calls to the reference.
+PREFILL_FP32_CONFIGS = ((64, 32, 4, 2), (64, 32, 4, 3))
+PREFILL_FP32_MAX_HEAD_DIM = 128
 
 # Condensation regularizer (kernels/regularizer.py). One tile shape and one number of warps serve its forward and both
 # backward kernels and are never autotuned: the backward recomputes each score and compares it bit for bit with the
