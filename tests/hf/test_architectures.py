@@ -171,3 +171,31 @@ def test_models_without_attention_interface_are_refused_clearly():
     model, info = A.make_or_skip("falcon")
     with pytest.raises(ValueError, match="does not route its attention through"):
         sa.configure(model, None)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss", "deepseek_v3"])
+def test_the_triton_kernels_run_the_new_features(name):
+    """softcap (gemma2), sinks (gpt_oss), Dv != D (deepseek_v3) through the kernels (the interpreter on CPU):
+    the same logits as the reference backend, the same greedy tokens, real pruning."""
+    from sparse_attention.kernels import config
+
+    if not (config.INTERPRET or torch.cuda.is_available()):
+        pytest.skip("the kernels need CUDA or TRITON_INTERPRET=1")
+    model, info = _model(name)
+    inputs = _inputs(info)
+    # Calibrated on other text: thresholds equal to a score of the evaluated text (a row calibrated alone) would be
+    # ties that the two backends, which round differently, may break differently.
+    th = sa.calibrate(model, [A.batch(info, seed=1)], k=3, dense_layers=(0,), progress=False)
+    sa.configure(model, th, sdc="threshold", vmc=True, backend="reference")
+    expected = _logits(model, inputs)
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        tokens = model.generate(**inputs, **kwargs)
+    sa.configure(model, th, sdc="threshold", vmc=True, backend="triton")
+    with sa.collect_stats(model) as stats:
+        got = _logits(model, inputs)
+    valid = A.valid_positions(inputs["attention_mask"])
+    torch.testing.assert_close(got[valid], expected[valid], atol=2e-4, rtol=1e-4)
+    assert stats.kept_fraction(include_dense=False) < 1.0
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, **kwargs), tokens)
