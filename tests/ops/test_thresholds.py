@@ -191,7 +191,7 @@ def test_save_refuses_files_it_did_not_write(tmp_path):
     # D13: calibrate --out X used to overwrite whatever X was.
     other = tmp_path / "notes.txt"
     other.write_text("precious")
-    with pytest.raises(ValueError, match="not a thresholds written by sparse_attention"):
+    with pytest.raises(ValueError, match="not a thresholds file written by sparse_attention"):
         _th().save(other)
     assert other.read_text() == "precious"
     _th().save(other, overwrite=True)
