@@ -290,34 +290,39 @@ def test_model_limits_are_checked_from_the_config_before_the_weights(extra, matc
     assert match in _error_line(capsys)
 
 
-def test_bad_output_paths_fail_before_the_job(tiny_model_dir, text_dir, tmp_path, no_long_work, capsys):
-    # D14: demo / evaluate with a bad --out failed at the end; train --out <existing file> trained, then threw the
-    # model away. D15: calibrate --save-model <existing regular file> printed "wrote a configured checkpoint",
-    # exited 0 and wrote nothing. D13: calibrate --out X overwrote whatever X was.
+# Output paths refused before any work: (command and its output arguments, built from a regular file F, a folder W
+# holding someone's file, and a fresh folder C; the expected message). F and W stay as they were.
+BAD_OUTPUTS = [
+    # D14: demo / evaluate with a bad --out failed at the end of the job.
+    ("D14-demo-out-file", lambda F, W, C: ["demo", "--out", F], "is a file, not a folder: cannot write the report"),
+    ("D14-demo-out-foreign", lambda F, W, C: ["demo", "--out", W], "is not a report written by sparse_attention"),
+    ("D14-demo-out-under-file", lambda F, W, C: ["demo", "--out", f"{F}/report"], "is a file"),
+    ("D14-evaluate-out-file", lambda F, W, C: ["evaluate", "--out", F], "cannot write the report"),
+    # D14: train --out <existing file> trained, then threw the model away.
+    ("D14-train-out-file", lambda F, W, C: ["train", "--out", F], "is a file, not a folder: cannot write the checkp"),
+    ("D14-train-out-foreign", lambda F, W, C: ["train", "--out", W], "is not a checkpoint written by sparse_attention"),
+    # D13: calibrate --out X overwrote whatever X was, with exit 0.
+    ("D13-calibrate-out-file", lambda F, W, C: ["calibrate", "--out", F], "is not a thresholds file written by"),
+    ("D13-calibrate-out-folder", lambda F, W, C: ["calibrate", "--out", W], "is a folder: cannot write the thresholds"),
+    # D15: calibrate --save-model <existing regular file> printed "wrote a configured checkpoint", exit 0, no files.
+    ("D15-save-model-file", lambda F, W, C: ["calibrate", "--save-model", F], "is a file, not a folder"),
+    ("D15-save-model-foreign", lambda F, W, C: ["calibrate", "--save-model", W], "is not a checkpoint written by"),
+    ("out-inside-save-model", lambda F, W, C: ["calibrate", "--out", f"{C}/th.safetensors", "--save-model", C],
+     "is inside --save-model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make,match", [p[1:] for p in BAD_OUTPUTS], ids=[p[0] for p in BAD_OUTPUTS])
+def test_bad_output_paths_fail_before_the_job(make, match, tiny_model_dir, text_dir, tmp_path, no_long_work, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("precious")
     foreign = tmp_path / "work"
     foreign.mkdir()
     (foreign / "mine.py").write_text("x = 1")
-    base = ["--model", str(tiny_model_dir), "--text", str(text_dir), "--quiet"]
-    ck = tmp_path / "ck"
-    cases = [
-        (["demo", *base, "--out", str(a_file)], "is a file, not a folder: cannot write the report"),
-        (["demo", *base, "--out", str(foreign)], "exists and is not a report written by sparse_attention"),
-        (["demo", *base, "--out", str(a_file / "report")], "is a file"),
-        (["evaluate", *base, "--out", str(a_file)], "cannot write the report"),
-        (["train", *base, "--out", str(a_file)], "is a file, not a folder: cannot write the checkpoint"),
-        (["train", *base, "--out", str(foreign)], "exists and is not a checkpoint written by sparse_attention"),
-        (["calibrate", *base, "--out", str(a_file)], "exists and is not a thresholds file written by"),
-        (["calibrate", *base, "--out", str(foreign)], "is a folder: cannot write the thresholds file"),
-        (["calibrate", *base, "--save-model", str(a_file)], "is a file, not a folder: cannot write the checkpoint"),
-        (["calibrate", *base, "--save-model", str(foreign)], "is not a checkpoint written by sparse_attention"),
-        (["calibrate", *base, "--out", str(ck / "th.safetensors"), "--save-model", str(ck)], "is inside --save-model"),
-    ]
-    for argv, match in cases:
-        assert main(argv) == 2, argv
-        line = _error_line(capsys)
-        assert match in line, (argv, line)
+    command, *outputs = make(str(a_file), str(foreign), str(tmp_path / "ck"))
+    assert main([command, "--model", str(tiny_model_dir), "--text", str(text_dir), "--quiet", *outputs]) == 2
+    line = _error_line(capsys)
+    assert match in line, line
     assert a_file.read_text() == "precious" and _tree(foreign) == {"mine.py": b"x = 1"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "work"]  # checks create nothing
 
