@@ -3,7 +3,9 @@
 Cases are drawn over shapes (B, GQA head groups, Lq/Lk including Lk = 0, Lq = 1 and odd lengths, D and Dv), float32
 and float16, causal and not with any ``q_offset``, masks (none, key padding, general, with fully masked rows),
 threshold tables (scalar, per head, per row length, with ±inf entries), ``k_dense``, both placements, every ``sdc``
-mode including ``"calibrated"``, ``sdc_scale``, ``cap``, ``vmc``, ``softcap``, sinks, and NaN queries or keys.
+mode including ``"calibrated"``, ``sdc_scale``, ``cap``, ``vmc``, ``softcap``, sinks, and degenerate rows and inputs
+(NaN queries or keys, no keys, rows that see or keep nothing, rows too short to prune, scores offset by 1024). Each
+property test runs every scenario of :data:`SCENARIOS` with an equal share of the cases.
 
 :func:`check_case` is the one checker, a plain function: the property tests call it on generated cases, and the
 mutation self-check (``test_the_checker_catches_planted_bugs``) plants bugs in the reference and asserts that it
@@ -17,15 +19,15 @@ What is compared, per case (``sparse_attention.top_theta_attention`` against ``s
 - every other row within the written tolerance rule: at most twice the error PyTorch's own dense SDPA makes on the
   same inputs in the same precision against float64, plus 4 units in the last place (``sa_testing.tolerance``).
 
-Threshold ties: half of the cases use integer queries and keys with a power-of-two scale, so every score is exact in
-float32 and float64 and thresholds from a grid of halves hit scores exactly; ``s > θ`` is then tested at the tie.
-The other cases (Gaussian data, any scale, softcap; and placement "post", whose probabilities are never exact) are
-used only where every visible score (log-probability for "post") is a clear margin away from its row's threshold:
-within rounding of θ the float32 backends and the float64 oracle may disagree on the keep decision, and that is not
-a bug.
+Threshold ties: cases with exact scores (integer queries and keys, a power-of-two scale: every score is the same in
+float32 and float64) take thresholds from a grid of halves that the scores hit, so ``s > θ`` is tested at the tie.
+Other cases (Gaussian data, any scale, softcap; and placement "post", whose probabilities are never exact) are used
+only where every visible score (log-probability for "post") is a clear margin away from its row's threshold
+(:func:`near_a_tie`): within rounding of θ the float32 backends and the float64 oracle may disagree on the keep
+decision, and that is not a bug.
 
-The kernel part (``backend="triton"`` under the interpreter on CPU, or on a GPU) draws fewer, kernel-sized cases
-(head dims 16 and 32, float32 and float16).
+The kernel part (``backend="triton"``: under the interpreter on CPU, on the device with a GPU) draws fewer,
+kernel-sized cases (head dims 16 and 32, float32 and float16).
 """
 
 from __future__ import annotations
@@ -150,7 +152,10 @@ def _mask(draw, gen, b: int, hq: int, lq: int, lk: int, *, rows: bool = False):
 # Each property test runs every scenario, so that no kind of case depends on the luck of one derandomised sequence.
 SCENARIOS = ("dense", "ties", "pre", "post", "nothing-kept", "degenerate")
 # Degenerate rows and inputs; the "degenerate" scenario forces one of them.
-ODDITIES = ("nan-query", "nan-key", "no-keys", "masked-rows", "keeps-everything", "short-rows", "offset-before-keys")
+ODDITIES = (
+    "nan-query", "nan-key", "no-keys", "masked-rows", "keeps-everything", "short-rows", "offset-before-keys",
+    "large-scores",
+)  # fmt: skip
 
 
 @st.composite
@@ -198,6 +203,8 @@ def cases(draw, *, kernel: bool = False, scenario: str | None = None) -> Case:
             kw["scale"] = _pick(draw, [0.1, 0.3, 1.0])
         if draw(st.booleans()):
             kw["softcap"] = _pick(draw, [1.0, 2.5, 10.0])
+    if odd == "large-scores":  # a common score offset of 1024 · scale (issue D7: precision must not depend on it)
+        q[..., 0], k[..., 0] = 32.0, 32.0
     v = torch.randn(b, hkv, lk, dv, generator=gen)
     if odd in ("nan-query", "nan-key"):  # NaN in, NaN out
         target = k if odd == "nan-key" and k.numel() else q
