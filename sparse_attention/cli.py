@@ -208,15 +208,15 @@ def _check_model_args(args, config) -> None:
             f"--new-tokens {new_tokens} after a prompt of {min(PROMPT_LEN, seq_len)} tokens exceeds the model's "
             f"{limit} positions"
         )
+    # A malformed config.top_theta is reported here, naming the file and the field, before the weights are read.
+    settings = model_settings(text, where=f"{_source(args)}/config.json")
     if args.command == "evaluate":
         if args.thresholds_obj is not None:
             args.thresholds_obj.check_model(text, where=f"--thresholds {args.thresholds}")
-        else:
-            settings = model_settings(text, where=f"{_source(args)}/config.json")
-            if settings is None or settings.thresholds is None:
-                raise UsageError(
-                    "the model has no Top-θ configuration: pass --thresholds FILE (from the calibrate command)"
-                )
+        elif settings is None or settings.thresholds is None:
+            raise UsageError(
+                "the model has no Top-θ configuration: pass --thresholds FILE (from the calibrate command)"
+            )
 
 
 def _load(args):

@@ -433,3 +433,19 @@ def test_train_refuses_a_folder_it_did_not_write_before_training(tiny_model_dir,
     argv = ["train", "--model", str(tiny_model_dir), "--text", str(text_dir), "--out", str(out), "--quiet"]
     assert main(argv) == 2
     assert "is not a checkpoint written by sparse_attention" in _error_line(capsys)
+
+
+def test_a_malformed_checkpoint_is_reported_before_its_weights_are_read(tiny_model_dir, text_dir, tmp_path,
+                                                                        no_long_work, capsys):  # fmt: skip
+    # D9 on the command line: a malformed config.top_theta names the file and the field, before any work.
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["top_theta"] = {"vmc": "no", "thresholds": None}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    for command in ("evaluate", "demo"):
+        assert main([command, "--model", str(ckpt), "--text", str(text_dir), "--quiet"]) == 2
+        line = _error_line(capsys)
+        assert f"{ckpt}/config.json: top_theta: 'vmc' must be true or false, got 'no'" in line, line
