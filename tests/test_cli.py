@@ -380,6 +380,11 @@ def test_a_failed_checkpoint_write_leaves_the_old_checkpoint(configured_ckpt, te
     monkeypatch.undo()
     loaded = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="top_theta")
     assert sa.thresholds_of(loaded).k == 6
+    # The same command without the failure replaces the checkpoint (one the package wrote) as a whole.
+    assert main([*argv, "--out", str(tmp_path / "th.safetensors"), "--save-model", str(ckpt)]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="top_theta")
+    assert sa.thresholds_of(loaded).k == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "th.safetensors"]
 
 
 def test_a_failed_thresholds_write_is_one_line(tiny_model_dir, text_dir, tmp_path, monkeypatch, capsys):

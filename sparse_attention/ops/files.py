@@ -18,7 +18,9 @@ What "written by the package" means, per kind of target (the ``ours`` predicates
   other than ``report.json`` and ``report.png``;
 - a checkpoint folder (``calibrate --save-model``, ``train --out``, ``recipes.pretrain --out``,
   :func:`is_checkpoint_folder`): a ``config.json`` with a ``top_theta`` entry (a configured checkpoint), the
-  ``train_log.json`` of the ``train`` command, or the ``MODEL_CARD.md`` of ``recipes.pretrain``;
+  ``train_log.json`` of the ``train`` command, or the ``MODEL_CARD.md`` of ``recipes.pretrain``; and no file but
+  those a model's and a tokenizer's ``save_pretrained`` write (:data:`CHECKPOINT_FILES`), so that a README or notes
+  added to the folder are never deleted by a swap without ``overwrite=True``;
 - an empty folder is fair game for any folder target.
 
 Written files get the permissions an ordinary ``open(path, "w")`` would give them (the temporaries are created
@@ -27,6 +29,7 @@ private, then widened to the umask's mode before they replace the target).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -35,6 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPORT_FILES = ("report.json", "report.png")
+# What a checkpoint folder of the package holds: save_pretrained of a model and of a tokenizer, and our own files.
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+    "chat_template.json", "train_log.json", "MODEL_CARD.md",
+)  # fmt: skip
 TRAIN_LOG = "train_log.json"
 MODEL_CARD = "MODEL_CARD.md"
 MODEL_CARD_TITLE = "# sparse-attention default model"
@@ -107,6 +117,8 @@ def is_checkpoint_folder(path) -> bool:
     """Whether ``path`` is a checkpoint folder written by the package (see the module doc)."""
     path = Path(path)
     if not path.is_dir():
+        return False
+    if not all(p.is_file() and any(fnmatch.fnmatchcase(p.name, g) for g in CHECKPOINT_FILES) for p in path.iterdir()):
         return False
     config = _read_json(path / "config.json")
     if isinstance(config, dict) and "top_theta" in config:

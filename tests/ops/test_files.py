@@ -198,6 +198,11 @@ def test_checkpoint_folders(tmp_path):
     pretrained.mkdir()
     (pretrained / "MODEL_CARD.md").write_text(files.MODEL_CARD_TITLE + "\n\nA small GPT-2 ...")
     assert is_checkpoint_folder(pretrained)
+    with_notes = tmp_path / "with-notes"
+    with_notes.mkdir()
+    (with_notes / "config.json").write_text(json.dumps({"model_type": "gpt2", "top_theta": None}))
+    (with_notes / "README.md").write_text("my notes")  # a swap would delete it
+    assert not is_checkpoint_folder(with_notes)
     plain = tmp_path / "plain-hf"
     plain.mkdir()
     (plain / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
