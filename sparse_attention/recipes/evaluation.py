@@ -81,10 +81,12 @@ def compare(
     new_tokens: int = 32,
     num_prompts: int = 4,
     batch_size: int = 8,
+    backend: str = "auto",
     progress: bool = True,
     thresholds: dict[int, Thresholds] | None = None,
 ) -> list[dict]:
-    """Dense, exact top-k and Top-θ (calibrated on ``calibration`` windows) for each k, measured on ``heldout``.
+    """Dense, exact top-k and Top-θ (calibrated on ``calibration`` windows, with the ``vmc`` it runs with) for each
+    k, measured on ``heldout``; ``backend`` runs the Top-θ attention.
 
     Returns one record per (method, k). The model's own Top-θ configuration is restored afterwards.
     """
@@ -110,9 +112,9 @@ def compare(
             if th is None:
                 th = calibrate(
                     model, calib_batches, k=k, placement=placement, sigma=sigma, dense_layers=dense_layers,
-                    progress=False,
+                    vmc=vmc, progress=False,
                 )  # fmt: skip
-            configure(model, th, sdc=sdc, vmc=vmc)
+            configure(model, th, sdc=sdc, vmc=vmc, backend=backend)
             rec = measure(model, heldout, k=k, prompts=prompts, new_tokens=new_tokens, batch_size=batch_size)
             records.append({"method": "top-theta", "k": k, "placement": placement, "sdc": sdc, "vmc": vmc, **rec})
             steps.update()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..ops.files import write_file
+
 COMMIT_ENV = "SPARSE_ATTENTION_COMMIT"
 UNKNOWN = "unknown"
 # The source tree of an editable install (or a checkout); a wheel has no .git here and reports "unknown".
@@ -83,7 +85,8 @@ def format_table(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path) -> bool:
-    """Draw perplexity against kept fraction (PNG). Returns False when matplotlib is not installed."""
+    """Draw perplexity against kept fraction (PNG, written atomically). Returns False when matplotlib is not
+    installed."""
     try:
         import matplotlib
 
@@ -106,6 +109,8 @@ def plot(records: list[dict], path) -> bool:
     ax.set_ylabel("held-out perplexity")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return True
