@@ -319,27 +319,39 @@ def test_forward_statistics(nan_outputs):
     assert torch.equal(stats.tie_w[..., rows].cpu(), torch.ones(1, 2, 23 - case.k))
 
 
-@pytest.mark.parametrize("kind", ["logmass", "mass"])
-@pytest.mark.parametrize("topk", [3, 20])
-def test_ties_including_dropped_ones(topk, kind):
-    # Exact integer scores with three distinct values: far more keys tie at the k-th score than the 16 or 32 slots of
-    # the running buffer, so the count of ties that fell off the buffer decides the tie weight.
+def _ties_including_dropped_ones(topk, kind, dtype):
+    # Exact integer scores with three distinct values: far more keys tie at the k-th score than the slots of the
+    # running buffer (its tile width), so the count of ties that fell off the buffer decides the tie weight.
+    block_n = reg.tiles(topk, 16, dtype)[1]
+    length = max(45, 2 * block_n + 13)  # more keys than the buffer holds, on the interpreter's tiles and a GPU's
     gen = torch.Generator().manual_seed(3)
-    q = torch.randint(-1, 2, (1, 2, 45, 16), generator=gen).float()
-    k = torch.randint(-1, 2, (1, 1, 45, 16), generator=gen).float()
+    q = torch.randint(-1, 2, (1, 2, length, 16), generator=gen).float()
+    k = torch.randint(-1, 2, (1, 1, length, 16), generator=gen).float()
     q[..., 1:] = 0
-    q, k = q.to(DEVICE), k.to(DEVICE)
+    q, k = q.to(DEVICE, dtype), k.to(DEVICE, dtype)
     kw = dict(attn_mask=None, key_padding=None, k=topk, sm_scale=0.5, softcap=0.0, causal=True, q_offset=0)
     stats = reg.regularizer_forward(q, k, **kw)
-    s = 0.5 * q @ k.transpose(-1, -2)
-    tied = (s == stats.thresh[..., None]) & torch.ones(45, 45, dtype=torch.bool, device=DEVICE).tril()
+    s = 0.5 * q.float() @ k.float().transpose(-1, -2)
+    tied = (s == stats.thresh[..., None]) & torch.ones(length, length, dtype=torch.bool, device=DEVICE).tril()
     regularized = stats.n_visible > topk
-    block_n = reg.tiles(topk, 16, q.dtype)[1]
     assert ((stats.tie_w < 1) & regularized).any(), "the inputs must tie at the k-th score"
     assert (tied.sum(-1)[regularized] > block_n).any(), "some ties must have fallen off the buffer"
     got = run_kernel(q, k, None, kw, kind)
     want = oracle(q, k, None, kw, kind, None)
     assert_matches(got[:5], want, torch_regularizer(q, k, None, kw, kind), q.dtype, f"ties-k{topk}-{kind}")
+
+
+@pytest.mark.parametrize("kind", ["logmass", "mass"])
+@pytest.mark.parametrize("topk", [3, 20])
+def test_ties_including_dropped_ones(topk, kind):
+    _ties_including_dropped_ones(topk, kind, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("topk", [3, 100], ids=["k3", "k100"])
+def test_gpu_ties_including_dropped_ones(topk):
+    # integer scores are exact in float16 too; k = 100 runs the 128-wide buffer
+    _ties_including_dropped_ones(topk, "logmass", torch.float16)
 
 
 def test_score_offset_of_1000_fp32():
