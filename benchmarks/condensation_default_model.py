@@ -38,7 +38,7 @@ def topk_mass(model, windows: torch.Tensor, k: int, dense_layers) -> float:
 
 
 def snapshot(model, heldout, calibration, k, dense_layers) -> dict:
-    from sparse_attention.evaluation import compare
+    from sparse_attention.recipes.evaluation import compare
 
     rec = {"topk_mass": topk_mass(model, heldout, k, dense_layers)}
     records = compare(model, heldout, calibration, ks=(k,), dense_layers=dense_layers, new_tokens=16, progress=False)
@@ -63,16 +63,13 @@ def main() -> int:
     import transformers
     import triton
 
-    from sparse_attention.corpus import read_texts, stdlib_files
-    from sparse_attention.default_model import load_default_model, load_default_tokenizer
-    from sparse_attention.evaluation import token_windows
-    from sparse_attention.training import finetune
+    from sparse_attention import finetune, load_default_model, load_default_tokenizer, stdlib_texts, token_windows
 
     torch.manual_seed(0)
     tok = load_default_tokenizer()
-    heldout = token_windows(tok, read_texts(stdlib_files("heldout")), args.seq_len, args.windows)
-    calibration = token_windows(tok, read_texts(stdlib_files("calibration")), args.seq_len, args.windows)
-    train_texts = read_texts(stdlib_files("train"))
+    heldout = token_windows(tok, stdlib_texts("heldout"), args.seq_len, args.windows)
+    calibration = token_windows(tok, stdlib_texts("calibration"), args.seq_len, args.windows)
+    train_texts = stdlib_texts("train")
     dense_layers = (0, 1)
     runs = {"before": snapshot(load_default_model(), heldout, calibration, args.k, dense_layers)}
     for name, lam in (("control_lam0", 0.0), ("regularized", args.lam)):

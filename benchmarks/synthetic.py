@@ -33,7 +33,7 @@ Thresholds, two documented ways:
 
 - :func:`calibrate_theta` is the package's calibration rule applied to the inputs themselves: for sampled query rows,
   the (k+1)-th largest visible score; rows grouped by length into points; θ = mean + sigma · std per (head, point),
-  interpolated over the row length n by :class:`sparse_attention.thresholds.Thresholds`.
+  interpolated over the row length n by :class:`sparse_attention.Thresholds`.
 - :func:`theta_for_kept_v_fraction` (decode) bisects one per-head quantile level so that the kept V-row fraction
   ``f_v`` (a key counts when any query head of its kv group keeps it) hits a target, to sweep ``f_v``.
 """
@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_attention.reference import grouped_scores, kth_largest_visible, visible_keys
-from sparse_attention.thresholds import Thresholds
+from sparse_attention.ops.reference import grouped_scores, kth_largest_visible
+from sparse_attention.ops.thresholds import Thresholds
 
 # Highest local-window frequency (rad/token): neighbours one token apart still score ~cos(0.5) of the peak.
 OMEGA_MAX = 0.5
@@ -313,7 +313,7 @@ def calibrate_theta(
     The package's rule (DESIGN.md, "Thresholds and calibration"): for up to ``rows`` evenly spaced query rows with
     more than ``k`` visible keys (causal, bottom-right aligned), record the (k+1)-th largest visible score; group the
     rows by row length n into ``num_points`` points; θ = mean + sigma · std over the batch and the rows of a point;
-    :class:`~sparse_attention.thresholds.Thresholds` interpolates it over n = 1..T (T = the longest row).
+    :class:`~sparse_attention.Thresholds` interpolates it over n = 1..T (T = the longest row).
 
     Raises ``ValueError`` when no sampled row has more than ``k`` visible keys.
     """
@@ -410,12 +410,18 @@ def theta_for_kept_v_fraction(
 
 
 # ---- structure measurements (for tests and records) -----------------------------------------------------------------
+def _causal(b: int, hq: int, lq: int, lk: int, device) -> torch.Tensor:
+    """Bottom-right causal visibility ``[B, Hq, Lq, Lk]`` (a broadcast view)."""
+    rows = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    return (torch.arange(lk, device=device)[None, :] <= rows).expand(b, hq, lq, lk)
+
+
 def _causal_probs(query: torch.Tensor, key: torch.Tensor, scale: float | None = None):
     b, hq, lq, d = query.shape
     lk = key.shape[2]
     scale = d**-0.5 if scale is None else scale
     s = grouped_scores(query, key, scale)
-    vis = visible_keys(b, hq, 0, lq, lk, True, lk - lq, None, query.device)
+    vis = _causal(b, hq, lq, lk, query.device)
     return s, vis, torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
 
 
@@ -444,7 +450,7 @@ def keep_mask(query: torch.Tensor, key: torch.Tensor, theta: torch.Tensor, k_den
     b, hq, lq, d = query.shape
     lk = key.shape[2]
     s = grouped_scores(query, key, d**-0.5)
-    vis = visible_keys(b, hq, 0, lq, lk, True, lk - lq, None, query.device)
+    vis = _causal(b, hq, lq, lk, query.device)
     n = vis.sum(-1)
     idx = (n.clamp(1, theta.shape[1]) - 1).long()
     th = theta.to(s.device)[torch.arange(hq, device=s.device)[None, :, None], idx]
@@ -491,13 +497,11 @@ def captured_qkv(
     the held-out text are missing.
     """
     try:
-        from sparse_attention.corpus import read_texts, stdlib_files
-        from sparse_attention.default_model import load_default_model, load_default_tokenizer
-        from sparse_attention.evaluation import token_windows
+        from sparse_attention import load_default_model, load_default_tokenizer, stdlib_texts, token_windows
 
         model = load_default_model(device=device)
         tokenizer = load_default_tokenizer()
-        texts = read_texts(stdlib_files("heldout"))
+        texts = stdlib_texts("heldout")
         windows = token_windows(tokenizer, texts, MODEL_WINDOW, max_windows=max_windows)
     except (ValueError, OSError, ImportError) as exc:
         raise ModelUnavailable(f"default model or held-out text unavailable: {exc}") from exc
@@ -530,7 +534,7 @@ def captured_qkv(
     q, k, v = (arrange(qkv[..., i * e : (i + 1) * e]) for i in range(3))
     info = {
         "source": "model",
-        "model": "default GPT-2 (sparse_attention.default_model)",
+        "model": "default GPT-2 (sparse_attention.DEFAULT_MODEL_DIR)",
         "layer": layer % len(blocks),
         "windows": needed,
         "distinct_windows": int(min(needed, windows.shape[0])),

@@ -53,7 +53,8 @@ def _check_memory(peak_mb: float, input_bytes: int, factor: float = MEMORY_FACTO
 
 
 def test_decode(benchmark):
-    from sparse_attention import reference, top_theta_attention
+    from sparse_attention import top_theta_attention
+    from sparse_attention.ops import reference
 
     c = DECODE
     qkv = synthetic.structured_qkv(
@@ -80,7 +81,8 @@ def test_decode(benchmark):
 
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
 def test_prefill(benchmark, dense):
-    from sparse_attention import reference, top_theta_attention
+    from sparse_attention import top_theta_attention
+    from sparse_attention.ops import reference
 
     c = PREFILL
     qkv = synthetic.structured_qkv(1, c["heads_q"], c["heads_kv"], c["length"], c["head_dim"], device="cuda")
@@ -102,7 +104,7 @@ def test_prefill(benchmark, dense):
     benchmark.extra_info.update(
         do_bench_ms=ms, sdpa_flash_ms=sdpa_ms, speedup_vs_sdpa_flash=sdpa_ms / ms,
         kept_element_fraction=stats.kept_fraction,
-        skipped_tile_fraction=(stats.skipped_tiles / stats.total_tiles) if stats.total_tiles else None,
+        skipped_tile_fraction=harness.ratio(harness.number(stats.skipped_tiles), harness.number(stats.total_tiles)),
     )  # fmt: skip
     benchmark.pedantic(_synced(fn), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
 
@@ -126,7 +128,7 @@ def test_prefill_memory_grows_linearly(benchmark):
 
 
 def test_regularizer(benchmark):
-    from sparse_attention.regularizer import topk_regularizer
+    from sparse_attention.ops.regularizer import topk_regularizer
 
     c = REGULARIZER
     qkv = synthetic.structured_qkv(1, c["heads"], c["heads"], c["length"], c["head_dim"], device="cuda")

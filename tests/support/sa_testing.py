@@ -25,6 +25,14 @@ def _table(table, hq: int) -> torch.Tensor:
     return t.expand(hq, t.shape[1])
 
 
+def _visible(causal, q_offset, mask, b, h, i, lk) -> list[int]:
+    return [j for j in range(lk) if (not causal or j <= q_offset + i) and (mask is None or bool(mask[b, h, i, j]))]
+
+
+def _capped(score: float, softcap) -> float:
+    return score if not softcap else softcap * math.tanh(score / softcap)
+
+
 def oracle_top_theta(
     q,
     k,
@@ -33,77 +41,164 @@ def oracle_top_theta(
     *,
     k_dense=0,
     scale=None,
+    softcap=None,
     causal=True,
     q_offset=None,
     attn_mask=None,
+    sinks=None,
     placement="pre",
     sdc="exact",
     sdc_table=None,
+    sdc_scale=1.0,
+    cap=None,
     vmc=False,
 ):
-    """Top-θ attention in float64, one row at a time. Returns ``(out64, kept, visible, kept_v_rows)`` on CPU;
-    ``kept_v_rows`` is ``[B, Hkv]`` counting keys kept by any head and any row of the group."""
+    """Top-θ attention in float64, one row at a time, written from DESIGN.md ("The semantics").
+
+    Returns ``(out64 [B, Hq, Lq, Dv], kept, visible, kept_v_rows)`` on CPU; ``kept_v_rows`` is ``[B, Hkv]`` counting
+    keys kept by any head and any row of the group. A row that reads a NaN (its query, a visible key, a kept value
+    row, or with ``vmc`` any visible value row) is NaN in every output column and has ``kept = -1``.
+    Placement "post" keeps key j iff ``log p_j > log θ`` (exact arithmetic: θ <= 0 keeps every visible key).
+    """
     q64, k64, v64 = (t.detach().double().cpu() for t in (q, k, v))
     b_, hq, lq, d = q64.shape
-    hkv, lk = k64.shape[1], k64.shape[2]
+    hkv, lk, dv = k64.shape[1], k64.shape[2], v64.shape[3]
     group = hq // hkv
     scale = d**-0.5 if scale is None else scale
     q_offset = lk - lq if q_offset is None else q_offset
     mask = None if attn_mask is None else attn_mask.cpu().expand(b_, hq, lq, lk)
     th_table = None if theta is None else _table(theta, hq)
     c_table = None if sdc_table is None else _table(sdc_table, hq)
-    out = torch.zeros(b_, hq, lq, d, dtype=torch.float64)
+    sink = None if sinks is None else torch.as_tensor(sinks).detach().to("cpu", torch.float64).expand(hq)
+    out = torch.zeros(b_, hq, lq, dv, dtype=torch.float64)
     kept = torch.zeros(b_, hq, lq, dtype=torch.int64)
     visible = torch.zeros(b_, hq, lq, dtype=torch.int64)
     kept_v = torch.zeros(b_, hkv, lk, dtype=torch.bool)
     for b in range(b_):
         for h in range(hq):
             g = h // group
-            scores = scale * (k64[b, g] @ q64[b, h].T).T  # [Lq, Lk]
+            raw = scale * (k64[b, g] @ q64[b, h].T).T  # [Lq, Lk]
             for i in range(lq):
-                vis = [
-                    j
-                    for j in range(lk)
-                    if (not causal or j <= q_offset + i) and (mask is None or bool(mask[b, h, i, j]))
-                ]
+                vis = _visible(causal, q_offset, mask, b, h, i, lk)
                 n = len(vis)
                 visible[b, h, i] = n
                 if n == 0:
                     continue
-                s = scores[i]
-                m = max(float(s[j]) for j in vis)
-                e = {j: math.exp(float(s[j]) - m) for j in vis}
-                d_all = sum(e.values())
+                s = {j: _capped(float(raw[i, j]), softcap) for j in vis}
+                nan_sink = sink is not None and math.isnan(float(sink[h]))
+                if any(math.isnan(x) for x in s.values()) or bool(torch.isnan(q64[b, h, i]).any()) or nan_sink:
+                    out[b, h, i] = float("nan")
+                    kept[b, h, i] = -1
+                    continue
+                s_sink = None if sink is None else float(sink[h])
+                m = max(max(s.values()), s_sink if s_sink is not None else float("-inf"))
+                e = {j: math.exp(s[j] - m) for j in vis}
+                e_sink = 0.0 if s_sink is None else math.exp(s_sink - m)
+                d_all = sum(e.values()) + e_sink
                 pruned = th_table is not None and n > k_dense
-                if pruned:
-                    th = float(th_table[h, min(n, th_table.shape[1]) - 1])
-                    if placement == "pre":
-                        keep = [j for j in vis if float(s[j]) > th]
-                    else:
-                        keep = [j for j in vis if e[j] / d_all > th]
-                else:
+                th = float(th_table[h, min(n, th_table.shape[1]) - 1]) if pruned else None
+                if not pruned:
                     keep = vis
-                d_kept = sum(e[j] for j in keep)
-                if not pruned or placement == "post" or sdc == "exact":
+                elif placement == "pre":
+                    keep = [j for j in vis if s[j] > th]
+                elif th <= 0:
+                    keep = vis
+                else:
+                    log_d = math.log(d_all)
+                    keep = [j for j in vis if s[j] - m - log_d > math.log(th)]
+                if pruned and cap:
+                    keep = keep[-cap:]
+                d_kept = sum(e[j] for j in keep) + e_sink
+                if not pruned or placement == "post":
                     denom = d_all
-                elif sdc == "none":
-                    denom = d_kept
-                elif sdc == "threshold":
+                else:
                     dropped = n - len(keep)
-                    denom = d_kept + (dropped * math.exp(th - m) if dropped else 0.0)
-                else:
-                    denom = d_kept + float(c_table[h, min(n, c_table.shape[1]) - 1])
+                    if sdc == "exact":
+                        miss = d_all - d_kept
+                    elif sdc == "none":
+                        miss = 0.0
+                    elif sdc == "threshold":
+                        miss = dropped * math.exp(th - m) if dropped else 0.0
+                    else:
+                        miss = float(c_table[h, min(n, c_table.shape[1]) - 1])
+                    # sdc_scale = 0 is no compensation, also against an infinite term (0 · ∞ = 0)
+                    denom = d_kept + sdc_scale * miss if miss and sdc_scale else d_kept
                 kept[b, h, i] = len(keep)
-                if denom == 0.0:
-                    mass = 0.0
-                else:
+                mass = 0.0
+                if denom > 0 and not math.isinf(denom):
                     for j in keep:
                         out[b, h, i] += e[j] / denom * v64[b, g, j]
-                        kept_v[b, g, j] = True
-                    mass = sum(e[j] for j in keep) / denom
+                    mass = (sum(e[j] for j in keep) + e_sink) / denom
+                for j in keep:
+                    kept_v[b, g, j] = True
                 if vmc:
                     out[b, h, i] += (1.0 - mass) * v64[b, g, vis].mean(0)
+                if torch.isnan(out[b, h, i]).any():
+                    out[b, h, i] = float("nan")
+                    kept[b, h, i] = -1
     return out, kept, visible, kept_v.sum(-1)
+
+
+def oracle_regularizer(q, k, topk, *, scale=None, softcap=None, causal=True, q_offset=None, mask=None, sinks=None,
+                       kind="logmass"):  # fmt: skip
+    """The condensation regularizer in float64, row by row (DESIGN.md, "The condensation regularizer").
+
+    Returns ``(loss, dq, dk, mean top-k mass, dsinks)``: the mean over rows with more than ``topk`` visible keys,
+    ties at the k-th score sharing the leftover top-k slots equally. With ``sinks`` the sink joins every softmax and
+    counts as kept (``m_i = (Σ_top-k e_j + e_sink) / D_all``); ``dsinks`` is ``[Hq]`` (``None`` without sinks).
+    Scores are soft-capped first when ``softcap`` is given, and the gradients go through the cap.
+    """
+    q64, k64 = q.detach().double().cpu(), k.detach().double().cpu()
+    b_, hq, lq, d = q64.shape
+    hkv, lk = k64.shape[1], k64.shape[2]
+    group = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    q_offset = lk - lq if q_offset is None else q_offset
+    mask = None if mask is None else mask.cpu().expand(b_, hq, lq, lk)
+    sink = None if sinks is None else torch.as_tensor(sinks).detach().to("cpu", torch.float64).expand(hq)
+    grad_s = torch.zeros(b_, hq, lq, lk, dtype=torch.float64)
+    grad_sink = torch.zeros(hq, dtype=torch.float64)
+    losses, masses = [], []
+    for b in range(b_):
+        for h in range(hq):
+            for i in range(lq):
+                vis = _visible(causal, q_offset, mask, b, h, i, lk)
+                if len(vis) <= topk:
+                    continue
+                raw = torch.stack([scale * torch.dot(q64[b, h, i], k64[b, h // group, j]) for j in vis])
+                s = raw if not softcap else softcap * torch.tanh(raw / softcap)
+                s_sink = None if sink is None else sink[h]
+                top = s.max() if s_sink is None else torch.maximum(s.max(), s_sink)
+                e = torch.exp(s - top)
+                e_sink = 0.0 if s_sink is None else float(torch.exp(s_sink - top))
+                d_all = float(e.sum()) + e_sink
+                p = e / d_all
+                p_sink = e_sink / d_all
+                t = sorted(s.tolist(), reverse=True)[topk - 1]
+                above, tied = s > t, s == t
+                w = above.double() + tied.double() * (topk - int(above.sum())) / int(tied.sum())
+                m = float((w * p).sum()) + p_sink
+                masses.append(m)
+                if kind == "logmass":
+                    losses.append(-math.log(m))
+                    g = p - w * p / m
+                    g_sink = p_sink - p_sink / m
+                else:
+                    losses.append(1.0 - m)
+                    g = p * (m - w)
+                    g_sink = p_sink * (m - 1.0)
+                if softcap:
+                    g = g * (1.0 - (s / softcap) ** 2)
+                grad_s[b, h, i, vis] = g
+                grad_sink[h] += g_sink
+    rows = max(1, len(losses))
+    grad_s /= rows
+    grad_sink /= rows
+    k_rep = k64.repeat_interleave(group, 1)
+    dq = scale * grad_s @ k_rep
+    dk = (scale * grad_s.transpose(-1, -2) @ q64).reshape(b_, hkv, group, lk, d).sum(2)
+    mass = sum(masses) / len(masses) if masses else float("nan")
+    return sum(losses) / rows, dq, dk, mass, (None if sink is None else grad_sink)
 
 
 def torch_error(q, k, v, attn_mask=None, *, scale=None, causal=True, q_offset=None) -> float:
@@ -144,12 +239,13 @@ def assert_close_to_oracle(out, out64, q, k, v, attn_mask=None, scale=None, *, c
     assert err <= tol, f"{what}: max abs error {err:.3e} exceeds tolerance {tol:.3e}"
 
 
-def make_qkv(b, hq, hkv, lq, lk, d, dtype=torch.float32, device="cpu", *, spread=1.0, seed=0):
-    """Random q/k/v with score spread controlled by ``spread`` (larger = peakier attention)."""
+def make_qkv(b, hq, hkv, lq, lk, d, dtype=torch.float32, device="cpu", *, dv=None, spread=1.0, seed=0):
+    """Random q/k/v with score spread controlled by ``spread`` (larger = peakier attention); ``dv`` is the value
+    head dim (default ``d``)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hq, lq, d, generator=gen) * spread
     k = torch.randn(b, hkv, lk, d, generator=gen)
-    v = torch.randn(b, hkv, lk, d, generator=gen)
+    v = torch.randn(b, hkv, lk, d if dv is None else dv, generator=gen)
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 
