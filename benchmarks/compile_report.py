@@ -5,34 +5,46 @@ and head dim of the chosen subset, the real launcher (``top_theta_prefill``, ``t
 ``regularizer_forward`` / ``regularizer_backward``) is called on CPU tensors inside :func:`capturing`. Nothing runs:
 Triton's own launch path binds the arguments and computes the exact specialisation a GPU launch of that call would get
 (16-byte aligned pointers, integers divisible by 16, integers equal to 1 made constants, the constexprs, the
-``num_warps`` / ``num_stages`` of every autotuning config the launcher's pruning keeps), and a hook takes it instead of
-compiling. Each captured specialisation is then compiled with ``triton.compile`` for each target, with the installed
-Triton and the ``ptxas`` bundled in its wheel, and its TTGIR, PTX and ``ptxas -v`` log are read for the facts below.
+``num_warps`` / ``num_stages`` of every prefill autotuning config the launcher's pruning keeps, and for decode, which
+is never autotuned, each ``kernels.config.DECODE_WARPS_STAGES`` setting), and a hook takes it instead of compiling.
+Each captured specialisation is then compiled with ``triton.compile`` for each target, with the installed Triton and
+the ``ptxas`` bundled in its wheel, and its TTGIR, PTX and ``ptxas -v`` log are read for the facts below.
 Configs that do not fit are compiled too (and say so): the report shows what every config costs.
 
 Run (from the repository root; no GPU and no CUDA driver needed)::
 
-    python benchmarks/compile_report.py --out benchmarks/results/compile_sm90a.json \\
-        [--target sm90a|sm80|all] [--subset ci|full] [--kernel prefill decode regularizer ...] \\
+    python benchmarks/compile_report.py --subset report --jobs 2 --out benchmarks/results/compile_sm90a.json \\
+        [--target sm90a|sm80|all] [--subset ci|report|full] [--kernel prefill decode regularizer ...] \\
         [--dtype bf16 ...] [--head-dim 128 ...] [--mode dense ...] [--jobs N]
     python benchmarks/compile_report.py --summary benchmarks/results/compile_sm90a_before.json   # a markdown table
 
 ``--kernel`` takes families (``prefill``, ``decode``, ``regularizer``) or kernel names (``decode_split``, ...).
-``--subset ci`` is what ``tests/benchmarks/test_compile_report.py`` checks: prefill only, D=128, dense bf16 and
-sparse fp16, sm_90a, per tile shape (BLOCK_M, BLOCK_N) the config with the most stages and the one with the fewest
-warps. ``--subset full`` (default) is every case, bf16/fp16/fp32, D 64/128/256, every config, both targets (but
-float32 at D=256 for sm_90a only, unless ``--dtype`` or ``--head-dim`` names it).
-The script sets ``SPARSE_ATTENTION_AUTOTUNE=1`` (every shipped config) and clears ``TRITON_INTERPRET`` before it
-imports the kernels, which it loads from this checkout's ``kernels/`` (see :func:`load_kernels`), and compiles into a
-fresh Triton cache directory so that ``compile_s`` is a real compile time.
+``--subset ci`` is what ``tests/benchmarks/test_compile_report.py`` checks (sm_90a, D=128; see :data:`SUBSETS`):
+prefill dense bf16, sparse fp16 and the skip_dot / skip_load variants bf16, per tile shape (BLOCK_M, BLOCK_N) the
+config with the most stages and the one with the fewest warps; decode sparse and post bf16 and the regularizer
+(causal, k=64) bf16 at their default settings. ``--subset report`` is what ``benchmarks/results/compile_sm90a.json``
+holds: sm_90a, every case and config, bf16/fp16 at D 64/128/256, float32 for prefill dense and sparse at D=128.
+``--subset full`` (default) is every case, bf16/fp16/fp32, D 64/128/256, every config, both targets (but float32 at
+D=256 for sm_90a only, unless ``--dtype`` or ``--head-dim`` names it).
+The script sets ``SPARSE_ATTENTION_AUTOTUNE=1`` (every shipped config), clears ``TRITON_INTERPRET`` and the tuning
+overrides of ``kernels/config.py`` (:data:`OVERRIDES`) before it imports the kernels, which it loads from this
+checkout's ``kernels/`` (see :func:`load_kernels`), and compiles into a fresh Triton cache directory so that
+``compile_s`` is a real compile time.
 
 Output: a JSON list of flat records (the results-file convention of ``harness.py``), one per line, rewritten after
 every record.
 Fields of a record:
 
-- ``kernel``: ``prefill``, ``decode_split``, ``decode_lse``, ``decode_combine``, ``decode_mask``, ``regularizer_fwd``,
-  ``regularizer_dq``, ``regularizer_dk``. ``mode``: the :data:`CASES` entry (``dense``, ``sparse``, ``post``, ``vmc``,
-  ``stats``, ``keymask``, ``causal``, ``masked``, ...). ``dtype`` (``bf16``/``fp16``/``fp32``), ``head_dim`` (the
+- ``kernel``: ``prefill`` (``_top_theta_prefill_kernel``), ``decode_split``, ``decode_score_pass`` (the "post"
+  log-sum-exp and the cap count passes), ``decode_combine``, ``decode_mask`` (the general-mask scan),
+  ``regularizer_fwd``, ``regularizer_dq``, ``regularizer_dk``. ``mode``: the :data:`CASES` entry. Prefill: ``dense``
+  (``theta=None``, its own compile-time path), ``sparse`` (the default ``pipelined`` variant), ``skip_dot`` and
+  ``skip_load`` (the other variants), ``post``, ``sdc_scaled``, ``vmc``, ``stats``, ``key_padding``, ``mask`` (a
+  general per-row mask), ``mask_shared`` (one mask row for every query), ``cap``, ``softcap_sinks``; every sparse mode
+  but the two skip ones runs ``pipelined``. Decode: ``dense``, ``sparse``, ``post``, ``cap``, ``vmc``, ``stats``,
+  ``key_padding``, ``mask``, ``softcap_sinks``, ``lq4`` (4 query rows, key padding and a cap). Regularizer:
+  ``causal``, ``masked`` (a general mask), ``key_padding``, ``softcap_sinks`` at k=64 (128 x 64 tiles), and
+  ``causal_k128`` / ``masked_k128`` (64 x 128 tiles). ``dtype`` (``bf16``/``fp16``/``fp32``), ``head_dim`` (the
   call's D), ``shape`` (the call's sizes), ``constexprs`` (every constexpr the kernel got, by name).
 - ``config``: ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages`` as the kernel got them (None where the kernel
   has no such constexpr). ``target``: ``sm_90a`` or ``sm_80``.
@@ -56,7 +68,8 @@ Fields of a record:
   - ``qk_mma`` / ``pv_mma``: the product's instruction family (``wgmma``, ``mma_v2`` = mma.sync, ``fma``).
     ``qk_wgmma`` / ``pv_wgmma``: all of them are wgmma (None on sm_80, which has none); ``qk_wgmma_async`` /
     ``pv_wgmma_async``: issued asynchronously (``isAsync``).
-  - None where a kernel has no such product or operand (e.g. ``v_*`` of ``decode_lse`` and ``regularizer_fwd``).
+  - None where a kernel has no such product or operand (e.g. ``v_*`` of ``decode_score_pass`` and
+    ``regularizer_fwd``).
   - ``barriers_per_loop``: CTA barriers (``bar.sync``/``barrier.sync``/``bar.arrive``) in the PTX of each innermost
     loop that contains matrix instructions (every innermost loop in a kernel without any), in PTX order; these
     include the barriers Triton inserts while lowering, which the TTGIR does not show. ``async_copies_in_loop`` /
@@ -107,13 +120,16 @@ FAMILIES = ("prefill", "decode", "regularizer")
 KERNEL_NAMES = {
     "_top_theta_prefill_kernel": "prefill",
     "_decode_split_kernel": "decode_split",
-    "_decode_lse_kernel": "decode_lse",
+    "_decode_score_pass_kernel": "decode_score_pass",
     "_decode_combine_kernel": "decode_combine",
     "_decode_mask_kernel": "decode_mask",
     "_regularizer_fwd_kernel": "regularizer_fwd",
     "_regularizer_bwd_dq_kernel": "regularizer_dq",
     "_regularizer_bwd_dk_kernel": "regularizer_dk",
 }
+# Environment overrides of kernels/config.py that the report clears before it imports the kernels.
+OVERRIDES = ("SPARSE_ATTENTION_PREFILL_VARIANT", "SPARSE_ATTENTION_DECODE_WARPS", "SPARSE_ATTENTION_DECODE_STAGES",
+             "SPARSE_ATTENTION_REGULARIZER_BLOCK_M", "SPARSE_ATTENTION_REGULARIZER_BLOCK_N")  # fmt: skip
 # Module-level functions of the kernel package that refuse CPU tensors outside the interpreter; replaced by
 # "no objection" while capturing (kernels/common.py unsupported_device, also imported by regularizer.py).
 DEVICE_CHECKS = ("unsupported_device",)
@@ -121,16 +137,21 @@ DEVICE_CHECKS = ("unsupported_device",)
 
 # ==== the launcher table ============================================================================================
 # Everything that knows the launchers' signatures is in this section. A case calls one launcher the way the package
-# does; every kernel that call would launch is captured. Keyword values are passed through _kwargs: a key "a|b" goes
-# to whichever of the names the launcher has (the first if it has both), and optional keys (those listed as such and
-# those whose value is None) are dropped when the launcher has no such parameter, so a renamed keyword listed here
-# or an added keyword with a default needs no change. A new required keyword shows up as an error record naming it.
+# does (keyword-only, normalised arguments: kernels/prefill.py top_theta_prefill, kernels/decode.py top_theta_decode,
+# kernels/regularizer.py regularizer_forward / regularizer_backward); every kernel that call would launch is captured.
+# Keyword values are passed through _kwargs: a key "a|b" goes to whichever of the names the launcher has (the first if
+# it has both), and optional keys (those listed as such and those whose value is None) are dropped when the launcher
+# has no such parameter, so an added keyword with a default needs no change here. A new required keyword shows up as
+# an error record naming it.
 
 PREFILL_SHAPE = {"B": 1, "Hq": 8, "Hkv": 2, "Lq": 1024, "Lk": 1024}
 # Decode: Llama-style GQA (4 query heads per kv head), one query row, the split count an H100 would pick for this
-# length (the launcher sizes it from the SM count, which a CPU does not have; 1 split would specialise as a constant).
+# length (the launcher sizes it from the compiled kernel's occupancy, which needs a GPU; 1 split would specialise as
+# a constant). "lq4" is the speculative-decoding shape: 4 query rows per head, 16 packed rows per kv group.
 DECODE_SHAPE = {"B": 1, "Hq": 32, "Hkv": 8, "Lq": 1, "Lk": 4096, "splits": 16}
-REGULARIZER_SHAPE = {"B": 1, "Hq": 8, "Hkv": 2, "Lq": 1024, "Lk": 1024, "k": 32}
+# Regularizer: k picks the tile (kernels/regularizer.py tiles): k <= 64 runs 128 x 64 score tiles, 64 < k <= 128
+# runs 64 x 128 ones; k = 64 and k = 128 are the two tiers.
+REGULARIZER_SHAPE = {"B": 1, "Hq": 8, "Hkv": 2, "Lq": 1024, "Lk": 1024, "k": 64}
 THETA_POINTS = 64  # columns of the threshold table
 
 
@@ -138,7 +159,9 @@ THETA_POINTS = 64  # columns of the threshold table
 class Case:
     family: str  # "prefill" | "decode" | "regularizer"
     mode: str
-    launch: Callable  # launch(kernels_module, torch_dtype, head_dim) -> None: calls the launcher(s)
+    # launch(kernels_module, torch_dtype, head_dim, configs) -> None: calls the launcher(s); ``configs`` is the
+    # subset's config policy for the case ("all" or "per_tile", see Subset), which the decode cases apply themselves.
+    launch: Callable
     requires: tuple[str, ...] = ()  # launcher parameters this mode needs; skipped while the launcher lacks them
     shape: dict = field(default_factory=dict)
 
@@ -172,87 +195,125 @@ def _attention_inputs(torch, dtype, head_dim, shape):
     return q, k, v
 
 
-def _key_padding_mask(torch, shape):
-    """HF-style left padding of the first batch row: ``[B, 1, 1, Lk]``, True = attend."""
-    mask = torch.ones(shape["B"], 1, 1, shape["Lk"], dtype=torch.bool)
-    mask[0, ..., : shape["Lk"] // 8] = False
-    return mask
+def _key_padding(torch, shape):
+    """HF-style left padding of the first batch row as the launchers take it (``sparse_attention.ops.contract``
+    KeyPadding.as_tuple): ``(mask [B, Lk] bool, prefix [B, Lk + 1] int32, bounds [B, 2] int32)``."""
+    b, lk = shape["B"], shape["Lk"]
+    mask = torch.ones(b, lk, dtype=torch.bool)
+    mask[0, : lk // 8] = False
+    prefix = torch.zeros(b, lk + 1, dtype=torch.int32)
+    prefix[:, 1:] = torch.cumsum(mask, dim=-1, dtype=torch.int32)
+    bounds = torch.tensor([[lk // 8, lk]] + [[0, lk]] * (b - 1), dtype=torch.int32)
+    return mask, prefix, bounds
 
 
-def _attention_case(family: str, mode: str, overrides: dict, requires=(), optional=()) -> Case:
-    shape = PREFILL_SHAPE if family == "prefill" else DECODE_SHAPE
+def _general_mask(torch, shape, per_row: bool):
+    """A general boolean ``attn_mask``, as the ops layer passes it: a broadcast view of ``[B, Hq, Lq, Lk]``. Per row
+    (``[B, 1, Lq, Lk]``, the prefill kernel's MASK_FULL path) or one row for every query (``[B, 1, 1, Lk]``,
+    MASK_SHARED)."""
+    b, hq, lq, lk = (shape[k] for k in ("B", "Hq", "Lq", "Lk"))
+    mask = torch.ones(b, 1, lq if per_row else 1, lk, dtype=torch.bool)
+    mask[..., : lk // 8] = False
+    return mask.expand(b, hq, lq, lk)
 
-    def launch(kern, dtype, head_dim):
+
+def _fill(torch, shape, value):
+    """Placeholder names of the case table replaced by tensors of the call's shape."""
+    if value == "theta":
+        return torch.zeros(shape["Hq"], THETA_POINTS, dtype=torch.float32)
+    if value == "sinks":
+        return torch.zeros(shape["Hq"], dtype=torch.float32)
+    if value == "key_padding":
+        return _key_padding(torch, shape)
+    if value in ("mask", "mask_shared"):
+        return _general_mask(torch, shape, per_row=value == "mask")
+    return value
+
+
+def _attention_case(family: str, mode: str, overrides: dict, requires=(), optional=(), shape=None) -> Case:
+    shape = {**(PREFILL_SHAPE if family == "prefill" else DECODE_SHAPE), **(shape or {})}
+
+    def launch(kern, dtype, head_dim, configs):
         import torch
 
         q, k, v = _attention_inputs(torch, dtype, head_dim, shape)
-        theta = torch.zeros(shape["Hq"], THETA_POINTS, dtype=torch.float32)
         values = {
-            "theta": None, "sdc_table": None, "attn_mask": None, "k_dense": 0, "scale|sm_scale": head_dim**-0.5,
-            "causal": True, "q_offset": shape["Lk"] - shape["Lq"], "placement": "pre", "sdc": "exact", "vmc": False,
-            "return_stats": False,
+            "theta": None, "sdc_table": None, "sinks": None, "attn_mask": None, "key_padding": None, "k_dense": 0,
+            "sm_scale": head_dim**-0.5, "softcap": 0.0, "causal": True, "q_offset": shape["Lk"] - shape["Lq"],
+            "placement": "pre", "sdc": "exact", "sdc_scale": 1.0, "cap": 0, "vmc": False, "return_stats": False,
         }  # fmt: skip
-        for key, value in overrides.items():
-            if value == "theta":
-                value = theta
-            elif value == "keymask":
-                value = _key_padding_mask(torch, shape)
-            elif value == "sinks":
-                value = torch.zeros(shape["Hq"], dtype=torch.float32)
-            values[key] = value
+        values.update({key: _fill(torch, shape, value) for key, value in overrides.items()})
         if family == "prefill":
+            # The variant is named, not left to SPARSE_ATTENTION_PREFILL_VARIANT: a record's mode says which it is.
+            values.setdefault("variant", "pipelined")
             fn = kern.prefill.top_theta_prefill
-        else:
-            fn = kern.decode.top_theta_decode
-            values["num_splits"] = shape["splits"]
-        fn(q, k, v, **_kwargs(fn, values, optional))
+            fn(q, k, v, **_kwargs(fn, values, optional))
+            return
+        fn = kern.decode.top_theta_decode
+        values["num_splits"] = shape["splits"]
+        # Decode is never autotuned: its (num_warps, num_stages) come from kernels/config.py at call time, so the
+        # sweep of config.DECODE_WARPS_STAGES (the first is the shipped default) patches them around each call.
+        settings = kern.config.DECODE_WARPS_STAGES if configs == "all" else kern.config.DECODE_WARPS_STAGES[:1]
+        saved = kern.config.DECODE_NUM_WARPS, kern.config.DECODE_NUM_STAGES
+        try:
+            for kern.config.DECODE_NUM_WARPS, kern.config.DECODE_NUM_STAGES in settings:
+                fn(q, k, v, **_kwargs(fn, values, optional))
+        finally:
+            kern.config.DECODE_NUM_WARPS, kern.config.DECODE_NUM_STAGES = saved
 
-    return Case(family, mode, launch, tuple(requires), dict(shape))
+    return Case(family, mode, launch, tuple(requires), shape)
 
 
-def _regularizer_case(mode: str, masked: bool) -> Case:
-    shape = REGULARIZER_SHAPE
+def _regularizer_case(mode: str, overrides: dict, k: int = REGULARIZER_SHAPE["k"]) -> Case:
+    shape = {**REGULARIZER_SHAPE, "k": k}
 
-    def launch(kern, dtype, head_dim):
+    def launch(kern, dtype, head_dim, configs):
         import torch
 
-        q, k, _ = _attention_inputs(torch, dtype, head_dim, shape)
-        mask = None
-        if masked:
-            mask = _key_padding_mask(torch, shape).expand(shape["B"], shape["Hq"], shape["Lq"], shape["Lk"])
+        q, key, _ = _attention_inputs(torch, dtype, head_dim, shape)
         reg = kern.regularizer
-        common = {"query": q, "key": k, "attn_mask": mask, "k": shape["k"], "scale|sm_scale": head_dim**-0.5,
-                  "causal": True, "q_offset": shape["Lk"] - shape["Lq"]}  # fmt: skip
-        reg.regularizer_forward(**_kwargs(reg.regularizer_forward, common))
-        stats = [torch.empty(shape["B"], shape["Hq"], shape["Lq"], dtype=torch.float32) for _ in range(5)]
-        names = ("lse_all", "lse_top", "thresh", "tie_w", "gamma")
-        reg.regularizer_backward(
-            **_kwargs(reg.regularizer_backward, {**common, **dict(zip(names, stats, strict=True))})
-        )
+        common = {"sinks": None, "attn_mask": None, "key_padding": None, "k": shape["k"], "sm_scale": head_dim**-0.5,
+                  "softcap": 0.0, "causal": True, "q_offset": shape["Lk"] - shape["Lq"]}  # fmt: skip
+        common.update({name: _fill(torch, shape, value) for name, value in overrides.items()})
+        stats = reg.regularizer_forward(q, key, **_kwargs(reg.regularizer_forward, common))
+        grad_rows = torch.ones(shape["B"], shape["Hq"], shape["Lq"], dtype=torch.float32)
+        backward = reg.regularizer_backward
+        backward(q, key, stats, grad_rows, **_kwargs(backward, {**common, "kind": "logmass"}))
 
-    return Case("regularizer", mode, launch, (), dict(shape))
+    return Case("regularizer", mode, launch, (), shape)
 
 
-# Future launcher keywords (softcap=, sinks=) are optional: their cases run once the launcher takes them.
+THETA = {"theta": "theta"}
 CASES: tuple[Case, ...] = (
     _attention_case("prefill", "dense", {}),
-    _attention_case("prefill", "sparse", {"theta": "theta"}),
-    _attention_case("prefill", "post", {"theta": "theta", "placement": "post"}),
-    _attention_case("prefill", "vmc", {"theta": "theta", "vmc": True}),
-    _attention_case("prefill", "stats", {"theta": "theta", "return_stats": True}),
-    _attention_case("prefill", "keymask", {"theta": "theta", "attn_mask": "keymask"}),
-    _attention_case("prefill", "softcap", {"theta": "theta", "softcap": 30.0}, requires=("softcap",)),
-    _attention_case("prefill", "sinks", {"theta": "theta", "sinks": "sinks"}, requires=("sinks",)),
+    _attention_case("prefill", "sparse", THETA),
+    _attention_case("prefill", "skip_dot", {**THETA, "variant": "skip_dot"}, requires=("variant",)),
+    _attention_case("prefill", "skip_load", {**THETA, "variant": "skip_load"}, requires=("variant",)),
+    _attention_case("prefill", "post", {**THETA, "placement": "post"}),
+    _attention_case("prefill", "sdc_scaled", {**THETA, "sdc": "threshold", "sdc_scale": 0.5}),
+    _attention_case("prefill", "vmc", {**THETA, "vmc": True}),
+    _attention_case("prefill", "stats", {**THETA, "return_stats": True}),
+    _attention_case("prefill", "key_padding", {**THETA, "key_padding": "key_padding"}),
+    _attention_case("prefill", "mask", {**THETA, "attn_mask": "mask"}),
+    _attention_case("prefill", "mask_shared", {**THETA, "attn_mask": "mask_shared"}),
+    _attention_case("prefill", "cap", {**THETA, "cap": 64}),
+    _attention_case("prefill", "softcap_sinks", {**THETA, "softcap": 30.0, "sinks": "sinks"}),
     _attention_case("decode", "dense", {}),
-    _attention_case("decode", "sparse", {"theta": "theta"}),
-    _attention_case("decode", "post", {"theta": "theta", "placement": "post"}),
-    _attention_case("decode", "vmc", {"theta": "theta", "vmc": True}),
-    _attention_case("decode", "stats", {"theta": "theta", "return_stats": True}),
-    _attention_case("decode", "keymask", {"theta": "theta", "attn_mask": "keymask"}),
-    _attention_case("decode", "softcap", {"theta": "theta", "softcap": 30.0}, requires=("softcap",)),
-    _attention_case("decode", "sinks", {"theta": "theta", "sinks": "sinks"}, requires=("sinks",)),
-    _regularizer_case("causal", masked=False),
-    _regularizer_case("masked", masked=True),
+    _attention_case("decode", "sparse", THETA),
+    _attention_case("decode", "post", {**THETA, "placement": "post"}),
+    _attention_case("decode", "cap", {**THETA, "cap": 64}),
+    _attention_case("decode", "vmc", {**THETA, "vmc": True}),
+    _attention_case("decode", "stats", {**THETA, "return_stats": True}),
+    _attention_case("decode", "key_padding", {**THETA, "key_padding": "key_padding"}),
+    _attention_case("decode", "mask", {**THETA, "attn_mask": "mask"}),
+    _attention_case("decode", "softcap_sinks", {**THETA, "softcap": 30.0, "sinks": "sinks"}),
+    _attention_case("decode", "lq4", {**THETA, "key_padding": "key_padding", "cap": 64}, shape={"Lq": 4}),
+    _regularizer_case("causal", {}),
+    _regularizer_case("masked", {"attn_mask": "mask"}),
+    _regularizer_case("key_padding", {"key_padding": "key_padding"}),
+    _regularizer_case("softcap_sinks", {"softcap": 30.0, "sinks": "sinks"}),
+    _regularizer_case("causal_k128", {}, k=128),
+    _regularizer_case("masked_k128", {"attn_mask": "mask"}, k=128),
 )
 
 
@@ -264,17 +325,55 @@ class Subset:
     dtypes: dict  # family -> dtype names, or (family, mode) -> dtype names (takes precedence)
     head_dims: tuple[int, ...]
     targets: tuple[int, ...]
-    configs: str  # "all" | "per_tile": per (BLOCK_M, BLOCK_N) the most stages and the fewest warps
+    # "all" | "per_tile", or a dict of those by family and by (family, mode) (which takes precedence; "all" where
+    # neither is listed). "per_tile": for prefill, per (BLOCK_M, BLOCK_N) the most stages and the fewest warps; for
+    # decode, which runs one tile shape per call, the default (num_warps, num_stages) only.
+    configs: str | dict = "all"
     exclude: tuple = ()  # (dtype, head_dim, capability) left out unless --dtype or --head-dim asks for them
+
+    def config_policy(self, case: Case) -> str:
+        if isinstance(self.configs, str):
+            return self.configs
+        return self.configs.get((case.family, case.mode), self.configs.get(case.family, "all"))
 
 
 SUBSETS = {
+    # What tests/benchmarks/test_compile_report.py checks, a few minutes on two cores: the prefill modes the shipped
+    # config list was chosen on (dense bf16, sparse fp16 on the default variant) and the two skip variants (bf16),
+    # per tile shape, and the default decode (with the score pass of "post") and regularizer specialisations.
     "ci": Subset(
-        modes={"prefill": ("dense", "sparse")},
-        dtypes={("prefill", "dense"): ("bf16",), ("prefill", "sparse"): ("fp16",)},
+        modes={
+            "prefill": ("dense", "sparse", "skip_dot", "skip_load"),
+            "decode": ("sparse", "post"),
+            "regularizer": ("causal",),
+        },
+        dtypes={
+            ("prefill", "dense"): ("bf16",),
+            ("prefill", "sparse"): ("fp16",),
+            "prefill": ("bf16",),
+            "decode": ("bf16",),
+            "regularizer": ("bf16",),
+        },
         head_dims=(128,),
         targets=(90,),
         configs="per_tile",
+    ),
+    # benchmarks/results/compile_sm90a.json: sm_90a (the GPU machine's H200), every case and every config at each
+    # head dim for 16-bit inputs, and float32 for prefill dense and sparse at D=128 (prefill refuses float32 above
+    # 128; float32 compiles take the longest).
+    "report": Subset(
+        modes={"prefill": None, "decode": None, "regularizer": None},
+        dtypes={
+            "prefill": ("bf16", "fp16"),
+            "decode": ("bf16", "fp16"),
+            "regularizer": ("bf16", "fp16"),
+            ("prefill", "dense"): DTYPE_NAMES,
+            ("prefill", "sparse"): DTYPE_NAMES,
+        },
+        head_dims=(64, 128, 256),
+        targets=(90,),
+        configs="all",
+        exclude=(("fp32", 64, 90), ("fp32", 256, 90)),
     ),
     "full": Subset(
         modes={"prefill": None, "decode": None, "regularizer": None},
@@ -1066,7 +1165,6 @@ def capture_all(kern, selection: Selection, log=print) -> list[tuple[dict, Spec 
     import torch
 
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    selector = per_tile_configs if selection.subset.configs == "per_tile" else None
     out = []
     skipped = []
     for case in selection.cases():
@@ -1079,9 +1177,10 @@ def capture_all(kern, selection: Selection, log=print) -> list[tuple[dict, Spec 
             for head_dim in selection.dims():
                 context = {"family": case.family, "mode": case.mode, "dtype": dtype, "head_dim": head_dim,
                            "shape": {**case.shape, "D": head_dim}}  # fmt: skip
-                with capturing(kern, selector) as captured:
+                policy = selection.subset.config_policy(case)
+                with capturing(kern, per_tile_configs if policy == "per_tile" else None) as captured:
                     try:
-                        case.launch(kern, torch_dtypes[dtype], head_dim)
+                        case.launch(kern, torch_dtypes[dtype], head_dim, policy)
                     except Exception as exc:  # noqa: BLE001 - a launcher that refuses the call is a record
                         out.append(({**context, "error": "launcher call failed: " + _error_text(exc)}, None))
                         log(f"  {case.family} {case.mode} {dtype} D={head_dim}: launcher call failed: {exc}")
@@ -1284,6 +1383,10 @@ def main(argv: list[str] | None = None) -> int:
     # Before the kernels are imported: compiled code, never the interpreter, and every shipped autotuning config.
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["SPARSE_ATTENTION_AUTOTUNE"] = "1"
+    # The shipped defaults, not this shell's overrides (kernels/config.py reads them once, at import): the cases name
+    # the prefill variant and sweep the decode settings themselves, and the regularizer tile is the shipped one.
+    for name in OVERRIDES:
+        os.environ.pop(name, None)
     tmp_cache = None
     if args.cache_dir:
         os.environ["TRITON_CACHE_DIR"] = args.cache_dir
