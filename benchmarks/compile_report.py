@@ -15,7 +15,7 @@ Run (from the repository root; no GPU and no CUDA driver needed)::
 
     python benchmarks/compile_report.py --subset report --jobs 2 --out benchmarks/results/compile_sm90a.json \\
         [--target sm90a|sm80|all] [--subset ci|report|full] [--kernel prefill decode regularizer ...] \\
-        [--dtype bf16 ...] [--head-dim 128 ...] [--mode dense ...] [--jobs N]
+        [--dtype bf16 ...] [--head-dim 128 ...] [--mode dense ...] [--jobs N] [--resume [FILE ...]] [--dry-run]
     python benchmarks/compile_report.py --summary benchmarks/results/compile_sm90a_before.json   # a markdown table
 
 ``--kernel`` takes families (``prefill``, ``decode``, ``regularizer``) or kernel names (``decode_split``, ...).
@@ -1175,6 +1175,8 @@ def capture_all(kern, selection: Selection, log=print) -> list[tuple[dict, Spec 
             continue
         for dtype in selection.dtype_names(case):
             for head_dim in selection.dims():
+                if not selection.capabilities(dtype, head_dim):
+                    continue  # excluded on every target: not even the launcher call
                 context = {"family": case.family, "mode": case.mode, "dtype": dtype, "head_dim": head_dim,
                            "shape": {**case.shape, "D": head_dim}}  # fmt: skip
                 policy = selection.subset.config_policy(case)
@@ -1375,6 +1377,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="reuse the matching records of these earlier reports (default: --out), compile the rest",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="call the launchers and list the captured specialisations, compile nothing (exit 1 if a call failed)",
+    )
     args = parser.parse_args(argv)
     if args.summary:
         print(summary_markdown(json.loads(Path(args.summary).read_text())))
@@ -1403,6 +1410,15 @@ def main(argv: list[str] | None = None) -> int:
     def log(*parts):
         print(*parts, file=sys.stderr, flush=True)
 
+    if args.dry_run:
+        pairs = capture_all(load_kernels(), selection, log)
+        for context, spec in pairs:
+            config = _config_of(spec) if spec else None
+            name = spec.name if spec else context["family"]
+            what = context.get("error") or json.dumps(config)
+            print(f"{name} {context['mode']} {context['dtype']} D={context['head_dim']}: {what}")
+        shutil.rmtree(tmp_cache, ignore_errors=True)
+        return 1 if any(spec is None for _, spec in pairs) else 0
     try:
         earlier = None
         if args.resume is not None:
