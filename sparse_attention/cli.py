@@ -5,6 +5,7 @@ Commands:
     calibrate  calibrate thresholds for a model and save them (and optionally a configured checkpoint)
     evaluate   report a configured model (or a model plus a thresholds file) against dense attention
     train      fine-tune a causal LM with the attention-condensation regularizer
+    sweep      perplexity against kept work over k and methods, for one or more checkpoints (JSON and plot)
 
 Every command takes ``--model`` (a local directory or a hub id; default: the shipped model), ``--text`` (files or
 directories of text; default: the matching split of the Python standard library), ``--k``, ``--placement``,
@@ -194,6 +195,227 @@ def cmd_train(args) -> int:
     return 0
 
 
+# ---- sweep: perplexity against kept work over k, methods and checkpoints ------------------------------------------
+
+SWEEP_KIND = "sparse-attention sweep"
+
+
+def _sweep_checkpoints(specs: list[str]) -> dict[str, str]:
+    """``shipped``, ``condensed``, ``NAME=PATH`` or ``PATH`` (named by its folder) → {name: source}."""
+    from .recipes.default_model import CONDENSED_MODEL_DIR, DEFAULT_MODEL_DIR
+
+    named = {"shipped": str(DEFAULT_MODEL_DIR), "condensed": str(CONDENSED_MODEL_DIR)}
+    found: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep:
+            name, source = (spec, named[spec]) if spec in named else (Path(spec).name or spec, spec)
+        if not name or not source:
+            raise UsageError(f"--model entries are shipped, condensed, NAME=PATH or PATH; got {spec!r}")
+        if name in found:
+            raise UsageError(f"--model names {name!r} twice: give each checkpoint its own NAME=PATH")
+        found[name] = source
+    return found
+
+
+def _file_sha256(path: Path) -> str | None:
+    import hashlib
+
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sweep_windows(args, tokenizer, seq_len):
+    """Calibration and held-out windows: ``--text`` split as in ``demo``, else the chosen built-in corpora (code: the
+    standard library's calibration/heldout splits; prose: the documentation topics of ``pydoc_data``)."""
+    from .recipes.data import load_texts, prose_texts, stdlib_texts, token_windows
+
+    if args.text:
+        windows = token_windows(tokenizer, load_texts(args.text), seq_len)
+        if windows.shape[0] < 2:
+            raise UsageError("--text is too short: need at least two windows (one to calibrate, one to evaluate)")
+        n_cal = min(args.calib_windows, windows.shape[0] // 2)
+        return windows[:n_cal], windows[n_cal:][: args.windows]
+    corpus = {"code": stdlib_texts, "prose": prose_texts}
+    calibration = token_windows(tokenizer, corpus[args.calib_corpus]("calibration"), seq_len, args.calib_windows)
+    heldout = token_windows(tokenizer, corpus[args.eval_corpus]("heldout"), seq_len, args.windows)
+    return calibration, heldout
+
+
+def _is_sweep_file(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("kind") == SWEEP_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def cmd_sweep(args) -> int:
+    import time
+
+    import torch
+
+    from .ops.files import check_target, write_text
+    from .recipes.default_model import load_model_and_tokenizer
+    from .recipes.report import provenance
+    from .recipes.sweep import check_methods, format_sweep, fronts, plot_sweep, sweep
+
+    start = time.perf_counter()
+    methods = check_methods(args.methods)
+    if args.text and (args.calib_corpus != "code" or args.eval_corpus != "code"):
+        raise UsageError("--text replaces the built-in corpora: drop --calib-corpus / --eval-corpus")
+    checkpoints = _sweep_checkpoints(args.model or ["shipped", "condensed"])
+    original = args.original
+    if original not in checkpoints:
+        if original not in ("shipped", "condensed"):
+            raise UsageError(f"--original {original!r} is not one of the --model names {list(checkpoints)}")
+        checkpoints = {original: _sweep_checkpoints([original])[original], **checkpoints}
+        dense_only = {original}
+    else:
+        dense_only = set()
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise UsageError(f"--out must name a .json file (the plot goes beside it as .png), got {out}")
+    png = out.with_suffix(".png")
+    check_target(out, folder=False, ours=_is_sweep_file, what="sweep results", overwrite=args.overwrite)
+    check_target(png, folder=False, ours=lambda p: _is_sweep_file(out), what="sweep plot", overwrite=args.overwrite)
+    torch.manual_seed(args.seed)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    models, tokenizer = {}, None
+    for name, source in checkpoints.items():
+        try:
+            models[name], tok = load_model_and_tokenizer(source, attn_implementation="eager", device=args.device)
+            use_top_theta(models[name])
+        except ValueError as exc:
+            raise UsageError(f"--model {name}={source}: {exc}") from None
+        models[name].set_attn_implementation("eager")
+        tokenizer = tokenizer or tok
+    limits = [getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", 512)
+              for m in models.values()]  # fmt: skip
+    seq_len = min([args.seq_len or 512, *limits])
+    calibration, heldout = _sweep_windows(args, tokenizer, seq_len)
+
+    def sha(t):
+        import hashlib
+
+        return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+    settings = {
+        "checkpoints": {
+            name: {"source": src, "model_sha256": _file_sha256(Path(src) / "model.safetensors")}
+            for name, src in checkpoints.items()
+        },
+        "original": original,
+        "dense_only": sorted(dense_only),
+        "text": args.text,
+        "calib_corpus": None if args.text else args.calib_corpus,
+        "eval_corpus": None if args.text else args.eval_corpus,
+        "seq_len": seq_len,
+        "heldout_windows": int(heldout.shape[0]),
+        "calibration_windows": int(calibration.shape[0]),
+        "heldout_sha256": sha(heldout),
+        "calibration_sha256": sha(calibration),
+        "prompt_len": args.prompt_len,
+        "num_prompts": args.num_prompts,
+        "new_tokens": args.new_tokens,
+        "sigma": args.sigma,
+        "dense_layers": sorted(args.dense_layers),
+        "batch_size": args.batch_size,
+    }
+    done, earlier_seconds = [], 0.0
+    if args.resume and out.is_file():
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        old = previous.get("settings", {})
+        shared = {name: old.get("checkpoints", {}).get(name) for name in checkpoints}
+        differ = [
+            key for key in settings if key not in ("checkpoints", "dense_only") and old.get(key) != settings[key]
+        ] + [name for name, got in shared.items() if got is not None and got != settings["checkpoints"][name]]
+        if differ:
+            raise UsageError(f"--resume: {out} was measured with other settings ({', '.join(differ)}); use a new --out")
+        settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
+        done = previous.get("records", [])
+        earlier_seconds = float(previous.get("wall_seconds", 0.0))
+    meta = {
+        "kind": SWEEP_KIND,
+        **provenance(["sparse-attention", *args.argv]),
+        "device": str(args.device or "cpu"),
+        "torch_threads": torch.get_num_threads(),
+        "settings": settings,
+    }
+
+    def write(records) -> None:
+        wall = earlier_seconds + time.perf_counter() - start
+        body = {**meta, "wall_seconds": wall, "ks": args.k, "methods": list(methods), "fronts": fronts(records),
+                "records": records}  # fmt: skip
+        write_text(out, json.dumps(body, indent=1) + "\n")
+
+    records = sweep(
+        models, heldout, calibration, original=original, ks=args.k, methods=methods, dense_only=dense_only,
+        sigma=args.sigma, dense_layers=args.dense_layers, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        num_prompts=args.num_prompts, batch_size=args.batch_size, done=done, on_record=write, progress=not args.quiet,
+    )  # fmt: skip
+    write(records)
+    print(format_sweep(records))
+    title = f"{', '.join(models)} — {heldout.shape[0]} held-out windows of {seq_len} tokens"
+    drawn = plot_sweep(records, png, title=title)
+    print(f"wrote {out}" + (f" and {png}" if drawn else " (install matplotlib for the plot)"))
+    return 0
+
+
+def _add_sweep_parser(sub) -> None:
+    from .recipes.sweep import DEFAULT_KS, METHODS
+
+    p = sub.add_parser("sweep", help="perplexity against kept work over k, methods and checkpoints")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=None,
+        help="checkpoints: shipped, condensed, NAME=PATH or PATH (default: shipped condensed)",
+    )
+    p.add_argument(
+        "--original",
+        default="shipped",
+        help="the checkpoint whose dense perplexity is the quality target (default: shipped)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"a subset of: {', '.join(repr(m) for m in METHODS)} (default: all)",
+    )
+    p.add_argument("--text", nargs="+", help="text files or directories: the first --calib-windows windows calibrate")
+    p.add_argument("--calib-corpus", choices=("code", "prose"), default="code", help="built-in calibration text")
+    p.add_argument("--eval-corpus", choices=("code", "prose"), default="code", help="built-in held-out text")
+    p.add_argument("--k", type=_k_list, default=None, help="top-k target(s), comma-separated (default 2,...,64)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(512, model limit))")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA)
+    p.add_argument("--dense-layers", type=int, nargs="*", default=list(DEFAULT_DENSE_LAYERS))
+    p.add_argument("--windows", type=int, default=24, help="held-out windows to evaluate")
+    p.add_argument("--calib-windows", type=int, default=16, help="calibration windows")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated to measure decoding")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens before generating")
+    p.add_argument("--num-prompts", type=int, default=4, help="prompts generated from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="sweep.json", help="results file (.json; the plot goes beside it as .png)")
+    p.add_argument("--resume", action="store_true", help="keep the records of --out and measure only what is missing")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a sweep file")
+    p.set_defaults(func=cmd_sweep, k_default=list(DEFAULT_KS))
+
+
+# ---- end of sweep ------------------------------------------------------------------------------------------------
+
+
 def _k_list(text: str) -> list[int]:
     try:
         ks = [int(x) for x in text.split(",") if x.strip()]
@@ -246,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("logmass", "mass"), default="logmass")
     p.add_argument("--warmup", type=int, default=20, help="steps of linear warm-up of the regularizer weight")
     p.set_defaults(func=cmd_train, k_default=[16])
+    _add_sweep_parser(sub)
     return parser
 
 

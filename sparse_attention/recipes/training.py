@@ -1,12 +1,16 @@
 """Fine-tuning a causal LM with the attention-condensation regularizer (the ``train`` command).
 
-:func:`finetune` runs AdamW on random windows of a token stream, minimising ``LM loss + λ · R`` where R is the
-condensation regularizer of every non-dense attention layer (:func:`sparse_attention.condensation`), and records per
-step the LM loss, R and the mean top-k softmax mass of the regularized rows.
+:func:`finetune` runs AdamW on random windows of a token stream, minimising ``(1 - α) · LM loss + α · KL + λ · R``
+where R is the condensation regularizer of every non-dense attention layer (:func:`sparse_attention.condensation`)
+and KL the distillation term (:func:`distillation_loss`): the divergence of the model's next-token distribution from
+a frozen teacher's, by default the model itself as it was before the fine-tune. The distillation term is what holds
+the perplexity while the regularizer condenses the attention. Per step it records the LM loss, KL, R and the mean
+top-k softmax mass of the regularized rows.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +33,8 @@ class StepLog:
         reg_loss: the regularizer R on the same batch (mean ``-log m_i`` or ``1 - m_i``).
         topk_mass: mean top-k softmax mass ``m_i`` over the regularized (layer, head, row) triples (NaN if none).
         lam: the λ applied at this step (after warm-up).
-        seconds: wall time of the step.
+        seconds: wall time of the step (the teacher's forward included).
+        kl: the distillation term on the same batch (nats per predicted token), ``None`` without distillation.
     """
 
     step: int
@@ -38,15 +43,34 @@ class StepLog:
     topk_mass: float
     lam: float
     seconds: float
+    kl: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
+        kl = "" if self.kl is None else f" kl {self.kl:.4f}"
         return (
-            f"step {self.step + 1}: lm_loss {self.lm_loss:.4f} reg {self.reg_loss:.4f} "
+            f"step {self.step + 1}: lm_loss {self.lm_loss:.4f}{kl} reg {self.reg_loss:.4f} "
             f"topk_mass {self.topk_mass:.4f} lam {self.lam:.3g} ({self.seconds:.2f}s)"
         )
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ``KL(teacher ‖ student)`` between next-token distributions, in nats.
+
+    ``Σ_v p_t(v) (log p_t(v) - log p_s(v))`` per position, computed in float32 from logits ``[..., V]`` of the same
+    shape, averaged over every leading position. Gradients flow into ``student_logits`` only (the teacher's logits are
+    detached). Zero exactly when the two distributions agree.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
+            "shape: the teacher must share the student's vocabulary and see the same batch"
+        )
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    log_t = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    return torch.sum(log_t.exp() * (log_t - log_s), dim=-1).mean()
 
 
 def _window_sampler(tokenizer, data, seq_len: int, batch_size: int, generator: torch.Generator):
@@ -103,12 +127,16 @@ def finetune(
     backend: str = "auto",
     progress: bool = True,
     log: Callable[[StepLog], None] | None = None,
+    distill: float = 0.0,
+    teacher: torch.nn.Module | None = None,
 ) -> list[StepLog]:
     """Fine-tune a causal LM so that its attention condenses onto the top k keys of each row.
 
     Each step draws ``batch_size`` random windows of ``seq_len`` tokens, computes the model's LM loss and the
     condensation regularizer R of every non-dense layer in the same forward pass, and takes one AdamW step on
-    ``LM loss + λ · R``. The model is left in training mode on ``device``, with its attention implementation restored.
+    ``(1 - distill) · LM loss + distill · KL + λ · R``, where KL is :func:`distillation_loss` against the teacher's
+    logits on the same windows (predicting the same tokens as the LM loss). The model is left in training mode on
+    ``device``, with its attention implementation restored.
 
     Args:
         model: a transformers causal LM (``model(input_ids=..., labels=...)`` returns ``.loss``) whose attention goes
@@ -132,6 +160,12 @@ def finetune(
         backend: regularizer backend (``"auto"``, ``"reference"``, ``"triton"``).
         progress: show a tqdm progress bar (default True).
         log: called with each step's :class:`StepLog` (e.g. ``print``).
+        distill: weight α of the distillation term, in [0, 1] (default 0: the LM loss alone). 1 trains on the
+            teacher's distribution only: with λ = 0 the model then stays where it is, and with λ > 0 it finds the
+            condensed model closest to the teacher.
+        teacher: the frozen model whose next-token distribution is distilled (same vocabulary); it runs in eval mode
+            without gradients and is never updated. Default, when ``distill > 0``: a copy of ``model`` taken before
+            the first step (the original model). Given with ``distill == 0`` it is an error.
 
     Returns:
         The history, one :class:`StepLog` per step.
@@ -139,16 +173,27 @@ def finetune(
     Raises:
         ValueError: bad ``steps``, ``batch_size``, ``seq_len``, ``lr``, data that is neither a token tensor nor text,
         text without a tokenizer, data shorter than ``seq_len``, a non-finite loss during training; and as
-        :func:`sparse_attention.condensation` for ``k``, ``kind``, ``lam``, ``warmup``, ``dense_layers``, ``backend``.
+        :func:`sparse_attention.condensation` for ``k``, ``kind``, ``lam``, ``warmup``, ``dense_layers``, ``backend``;
+        ``distill`` outside [0, 1], or a ``teacher`` without ``distill``, or one that is the model itself.
     """
     check_int("steps", steps)
     check_int("batch_size", batch_size)
     check_int("seq_len", seq_len)
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be a number in [0, 1] (the weight of the distillation term), got {distill!r}")
+    if teacher is not None and distill == 0:
+        raise ValueError("a teacher was given with distill=0: pass distill > 0 to use it, or no teacher")
+    if teacher is model:
+        raise ValueError("the teacher must be a separate, frozen model, not the model being fine-tuned")
     sample = _window_sampler(tokenizer, data, seq_len, batch_size, torch.Generator().manual_seed(seed))
     if device is None:
         device = next(iter(model.parameters())).device
+    if distill > 0:
+        if teacher is None:
+            teacher = copy.deepcopy(model)
+        teacher.to(device).eval().requires_grad_(False)
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -165,10 +210,19 @@ def finetune(
             for step in range(steps):
                 start = time.perf_counter()
                 batch = sample().to(device)
-                lm_loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                out = model(input_ids=batch, labels=batch, use_cache=False)
+                lm_loss = out.loss
                 reg_loss = reg.loss
                 lam_now = reg.current_lam
-                loss = lm_loss + lam_now * reg_loss if lam_now > 0 else lm_loss
+                loss = lm_loss
+                kl = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=batch, use_cache=False).logits
+                    kl = distillation_loss(out.logits[:, :-1], teacher_logits[:, :-1])
+                    loss = (1.0 - distill) * lm_loss + distill * kl
+                if lam_now > 0:
+                    loss = loss + lam_now * reg_loss
                 if not torch.isfinite(loss):
                     raise ValueError(f"the loss became {loss.item()} at step {step}; lower lr or lam")
                 optimizer.zero_grad(set_to_none=True)
@@ -183,6 +237,7 @@ def finetune(
                     topk_mass=reg.topk_mass,
                     lam=lam_now,
                     seconds=time.perf_counter() - start,
+                    kl=None if kl is None else kl.item(),
                 )
                 history.append(entry)
                 if bar is not None:
