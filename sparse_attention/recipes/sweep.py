@@ -26,6 +26,7 @@ prompts (the first of the new tokens comes from the prompt's prefill, so ``new_t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
@@ -78,6 +79,21 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+@contextlib.contextmanager
+def _decode_threads(model):
+    """One intra-op thread for generation on CPU: a decode step's ops are too small to gain from more, and on a
+    shared machine the threads' synchronisation made generation ten times slower. Restored afterwards."""
+    if next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_setup(
     model,
     heldout: torch.Tensor,
@@ -96,7 +112,7 @@ def measure_setup(
     start = time.perf_counter()
     with collect_stats(model, k=k) as pre:
         metrics = lm_metrics(model, heldout, batch_size)
-    with collect_stats(model) as dec:
+    with collect_stats(model) as dec, _decode_threads(model):
         generate_continuations(model, prompts, new_tokens)
     layers = sorted(set(pre.prefill_kept) | set(dec.decode_kept_v))
     pruned = _counts(pre, [i for i in layers if i in pruned_layers])
