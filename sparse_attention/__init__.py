@@ -20,19 +20,23 @@ from .ops.regularizer import RegularizerTerms, regularizer_terms, topk_regulariz
 from .ops.thresholds import Thresholds, TopThetaSettings
 from .recipes.data import batches, load_texts, stdlib_texts, token_windows
 from .recipes.default_model import (
+    CONDENSED_MODEL_DIR,
     DEFAULT_MODEL_DIR,
+    load_condensed_model,
     load_default_model,
     load_default_tokenizer,
     load_model,
     load_model_and_tokenizer,
 )
-from .recipes.training import StepLog, finetune
+from .recipes.sweep import sweep
+from .recipes.training import StepLog, distillation_loss, finetune
 
 ensure_registered()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONDENSED_MODEL_DIR",
     "DEFAULT_MODEL_DIR",
     "AttentionStats",
     "Condensation",
@@ -48,7 +52,9 @@ __all__ = [
     "collect_stats",
     "condensation",
     "configure",
+    "distillation_loss",
     "finetune",
+    "load_condensed_model",
     "load_default_model",
     "load_default_tokenizer",
     "load_model",
@@ -56,6 +62,7 @@ __all__ = [
     "load_texts",
     "regularizer_terms",
     "stdlib_texts",
+    "sweep",
     "thresholds_of",
     "token_windows",
     "top_theta_attention",

@@ -80,14 +80,14 @@ def _split_windows(args, model, tokenizer, texts):
     return calibration, heldout
 
 
-def _write_report(args, records, extra: dict) -> None:
+def _write_report(args, records, extra: dict, title: str | None = None) -> None:
     from .recipes.report import format_table, plot
 
     print(format_table(records))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({**extra, "records": records}, indent=1))
-    drawn = plot(records, out / "report.png")
+    drawn = plot(records, out / "report.png", title=title)
     print(
         f"wrote {out / 'report.json'}" + (f" and {out / 'report.png'}" if drawn else " (install matplotlib for a plot)")
     )
@@ -109,19 +109,65 @@ def _meta(args, model, calibration, heldout) -> dict:
     }
 
 
+def _demo_condensed(args):
+    """The model the demo compares with: ``--condensed PATH``, else the shipped condensed model when ``--model`` is
+    not given, else none; ``--no-condensed`` turns it off. Returns ``(source, recipe or None)`` or ``None``."""
+    from .recipes.default_model import CONDENSED_MODEL_DIR
+
+    if args.no_condensed:
+        return None
+    if args.condensed is None and args.model is not None:
+        return None
+    source = Path(args.condensed) if args.condensed is not None else CONDENSED_MODEL_DIR
+    if not (source / "config.json").is_file():
+        raise UsageError(
+            f"the condensed model {source} has no config.json: pass --condensed DIR, or --no-condensed to show the "
+            "first model alone" + ("" if args.condensed else " (the package was installed without its data)")
+        )
+    recipe = None
+    if (source / "train_log.json").is_file():
+        recipe = json.loads((source / "train_log.json").read_text(encoding="utf-8")).get("recipe")
+    return source, recipe
+
+
 def cmd_demo(args) -> int:
+    from .recipes.default_model import load_model_and_tokenizer
     from .recipes.evaluation import compare
 
     # Text first: a bad --text is reported before any model is loaded.
     texts = {split: _texts(args, split) for split in (("heldout",) if args.text else ("calibration", "heldout"))}
+    condensed = _demo_condensed(args)
     model, tokenizer = _load(args)
+    models = {"shipped" if args.model is None else str(args.model): model}
+    if condensed is not None:
+        other, _ = load_model_and_tokenizer(condensed[0], attn_implementation="eager", device=args.device)
+        if other.config.vocab_size != model.config.vocab_size:
+            raise UsageError(
+                f"the condensed model {condensed[0]} has another vocabulary than {args.model or 'shipped'}"
+            )
+        use_top_theta(other)
+        other.set_attn_implementation("eager")
+        models["condensed"] = other
     calibration, heldout = _split_windows(args, model, tokenizer, texts)
-    records = compare(
-        model, heldout, calibration, ks=args.k, placement=args.placement, sdc=args.sdc, vmc=args.vmc,
-        sigma=args.sigma, dense_layers=args.dense_layers, new_tokens=args.new_tokens, batch_size=args.batch_size,
-        progress=not args.quiet,
-    )  # fmt: skip
-    _write_report(args, records, _meta(args, model, calibration, heldout))
+    records = []
+    for name, m in models.items():
+        found = compare(
+            m, heldout, calibration, ks=args.k, placement=args.placement, sdc=args.sdc, vmc=args.vmc,
+            sigma=args.sigma, dense_layers=args.dense_layers, new_tokens=args.new_tokens, batch_size=args.batch_size,
+            progress=not args.quiet,
+        )  # fmt: skip
+        records += [{"checkpoint": name, **r} for r in found]
+    meta = _meta(args, model, calibration, heldout)
+    title = None
+    if condensed is not None:
+        r = condensed[1] or {}
+        recipe = ", ".join(f"{key}={r[key]}" for key in ("lam", "k", "distill", "steps") if key in r)
+        meta |= {"condensed": str(condensed[0]), "condensed_recipe": condensed[1]}
+        title = (
+            f"train with condensation ({recipe or condensed[0]}) → calibrate ({calibration.shape[0]} windows) → "
+            f"prune (Top-θ pre, sdc={args.sdc}{', vmc' if args.vmc else ''})"
+        )
+    _write_report(args, records, meta, title=title)
     return 0
 
 
@@ -183,13 +229,14 @@ def cmd_train(args) -> int:
         model, tokenizer, texts, k=args.k[0], lam=args.lam, steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, seq_len=_seq_len(args, model), kind=args.kind, dense_layers=args.dense_layers,
         warmup=args.warmup, device=args.device, seed=args.seed, backend=args.backend, progress=not args.quiet,
-        log=log,
+        log=log, distill=args.distill,
     )  # fmt: skip
     out = Path(args.out)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    meta = {"command": " ".join(["sparse-attention", *args.argv]), "k": args.k[0], "lam": args.lam}
+    meta = {"command": " ".join(["sparse-attention", *args.argv]), "k": args.k[0], "lam": args.lam,
+            "distill": args.distill}  # fmt: skip
     (out / "train_log.json").write_text(json.dumps({**meta, "steps": [e.to_dict() for e in history]}, indent=1))
     print(f"wrote the fine-tuned checkpoint and train_log.json to {out}")
     return 0
@@ -451,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common, eval_opts], help="calibrate and report on the shipped model")
     p.add_argument("--out", default="top_theta_report", help="report folder (JSON and PNG)")
+    p.add_argument(
+        "--condensed",
+        default=None,
+        help="a condensed checkpoint to compare with (default without --model: the shipped one)",
+    )
+    p.add_argument("--no-condensed", action="store_true", help="show the first model alone")
     p.set_defaults(func=cmd_demo, k_default=[8, 16, 32])
     p = sub.add_parser("calibrate", parents=[common, eval_opts], help="calibrate and save thresholds")
     p.add_argument("--out", default="thresholds.safetensors", help="thresholds file to write")
@@ -467,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kind", choices=("logmass", "mass"), default="logmass")
     p.add_argument("--warmup", type=int, default=20, help="steps of linear warm-up of the regularizer weight")
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight in [0, 1] of distillation to the model as loaded (KL of next-token distributions)",
+    )
     p.set_defaults(func=cmd_train, k_default=[16])
     _add_sweep_parser(sub)
     return parser

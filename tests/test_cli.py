@@ -163,9 +163,11 @@ def test_default_model_demo_runs_offline(tmp_path):
 def test_train_saves_a_checkpoint_and_log(tiny_model_dir, text_dir, tmp_path, capsys):
     out = tmp_path / "trained"
     argv = ["train", "--model", str(tiny_model_dir), "--text", str(text_dir), "--k", "4", "--steps", "4"]
-    assert main([*argv, "--seq-len", "32", "--batch-size", "2", "--lam", "0.5", "--out", str(out), "--quiet"]) == 0
+    assert main([*argv, "--seq-len", "32", "--batch-size", "2", "--lam", "0.5", "--distill", "0.5", "--out", str(out),
+                 "--quiet"]) == 0  # fmt: skip
     log = json.loads((out / "train_log.json").read_text())
     assert [s["step"] for s in log["steps"]] == [0, 1, 2, 3]
+    assert log["distill"] == 0.5 and all(s["kl"] >= 0.0 for s in log["steps"])
     assert all(0.0 < s["topk_mass"] <= 1.0 and s["lm_loss"] > 0 for s in log["steps"])
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "wrote the fine-tuned checkpoint" in capsys.readouterr().out
