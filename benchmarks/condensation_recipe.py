@@ -92,6 +92,11 @@ def main() -> int:
             raise SystemExit(f"{args.out} holds results with other settings; choose another --out")
         result["shipped"], result["runs"] = previous["shipped"], previous["runs"]
         result["earlier_wall_seconds"] = previous.get("wall_seconds", 0.0) + previous.get("earlier_wall_seconds", 0.0)
+        names = [r["name"] for r in result["runs"]]
+        first = {"command": previous["command"], "commit": previous["commit"], "runs": names}
+        result["invocations"] = previous.get("invocations") or [first]
+    # Every call of this script that measured something: its command, commit and the runs it measured.
+    result.setdefault("invocations", []).append({"command": result["command"], "commit": result["commit"], "runs": []})
 
     def save() -> None:
         result["wall_seconds"] = time.perf_counter() - start
@@ -125,6 +130,7 @@ def main() -> int:
         history, seconds = train_condensed(recipe, model, tok, train, progress=False)
         model.set_attn_implementation("eager")
         entry = {"name": name, "recipe": recipe.to_dict(), "train_seconds": seconds, "train": summarize(history)}
+        result["invocations"][-1]["runs"].append(name)
         entry["topk_mass"] = {str(k): heldout_topk_mass(model, heldout, k, (0, 1)) for k in ks}
         print(f"{name}: trained in {seconds:.0f} s; {json.dumps(entry['train'])}", flush=True)
         result["runs"] = [r for r in result["runs"] if r["name"] != name] + [entry]

@@ -364,6 +364,7 @@ def plot_sweep(records: Sequence[dict], path, *, budget: float = DEFAULT_BUDGET,
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     base = next((r["dense_ppl_original"] for r in records if r["dense_ppl_original"] is not None), None)
@@ -400,6 +401,7 @@ def plot_sweep(records: Sequence[dict], path, *, budget: float = DEFAULT_BUDGET,
             ax.axhline(base * (1 + budget), color="black", linewidth=0.8, linestyle="--",
                        label=f"original dense + {100 * budget:g} %")  # fmt: skip
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a log axis
         ax.set_ylim(bottom, top * 1.01)
         ax.set_xlabel(label)
         ax.grid(True, which="both", alpha=0.3)
