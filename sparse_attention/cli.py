@@ -331,6 +331,10 @@ def cmd_sweep(args) -> int:
     check_target(out, folder=False, ours=_is_sweep_file, what="sweep results", overwrite=args.overwrite)
     check_target(png, folder=False, ours=lambda p: _is_sweep_file(out), what="sweep plot", overwrite=args.overwrite)
     torch.manual_seed(args.seed)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -453,6 +457,7 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens before generating")
     p.add_argument("--num-prompts", type=int, default=4, help="prompts generated from")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="sweep.json", help="results file (.json; the plot goes beside it as .png)")
     p.add_argument("--resume", action="store_true", help="keep the records of --out and measure only what is missing")

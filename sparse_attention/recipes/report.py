@@ -117,7 +117,9 @@ def plot(records: list[dict], path, title: str | None = None) -> bool:
     ax.set_xlabel("kept attention-element fraction (pruned layers)")
     ax.set_ylabel("held-out perplexity")
     if title:
-        ax.set_title(title, fontsize=9)
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
