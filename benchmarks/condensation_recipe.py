@@ -17,13 +17,16 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KIND = "condensation recipe sweep"
+# What a --run does not say. Fixed here (not the shipped recipe, which changes) so that a recorded command means the
+# same runs later on.
+BASE = dict(lam=1.0, k=8, distill=1.0, steps=150, lr=2e-4, batch_size=8, seq_len=256, warmup=20, kind="logmass", seed=0)
 
 
 def parse_run(text: str) -> tuple[str, dict]:
@@ -46,7 +49,7 @@ def parse_run(text: str) -> tuple[str, dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=parse_run, action="append", required=True, help="NAME:field=value,...")
-    parser.add_argument("--steps", type=int, default=None, help="steps of every run (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of every run without its own (default 150)")
     parser.add_argument("--k", default="2,4,8,16,32,64", help="ks of each run's front")
     parser.add_argument("--methods", nargs="+", default=["top-k", "top-theta pre exact", "top-theta post vmc"])
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens")
@@ -59,7 +62,7 @@ def main() -> int:
     import sparse_attention as sa
     from sparse_attention.ops.files import write_folder, write_text
     from sparse_attention.recipes import data
-    from sparse_attention.recipes.condense import RECIPE, heldout_topk_mass, summarize, train_condensed
+    from sparse_attention.recipes.condense import Recipe, heldout_topk_mass, summarize, train_condensed
     from sparse_attention.recipes.report import provenance
     from sparse_attention.recipes.sweep import check_methods, fronts, sweep
 
@@ -118,7 +121,7 @@ def main() -> int:
     shipped_dense = [r for r in result["shipped"]["records"] if r["method"] == "dense"]
 
     for name, overrides in args.run:
-        recipe = replace(RECIPE, **({"steps": args.steps} if args.steps else {}), **overrides)
+        recipe = Recipe(**{**BASE, **({"steps": args.steps} if args.steps else {}), **overrides})
         entry = next((r for r in result["runs"] if r["name"] == name), None)
         if entry is not None and entry["recipe"] != recipe.to_dict():
             raise SystemExit(f"run {name!r} is already in {args.out} with another recipe; rename it")

@@ -40,10 +40,10 @@ class Recipe:
         dense_layers: layers neither regularized nor pruned (Top-θ's default dense layers).
     """
 
-    lam: float = 1.0
-    k: int = 8
-    distill: float = 1.0
-    steps: int = 150
+    lam: float = 0.3
+    k: int = 2
+    distill: float = 0.5
+    steps: int = 300
     lr: float = 2e-4
     batch_size: int = 8
     seq_len: int = 256
