@@ -380,7 +380,7 @@ def cmd_sweep(args) -> int:
         "dense_layers": sorted(args.dense_layers),
         "batch_size": args.batch_size,
     }
-    done, earlier_seconds = [], 0.0
+    done, earlier_seconds, invocations = [], 0.0, []
     if args.resume and out.is_file():
         previous = json.loads(out.read_text(encoding="utf-8"))
         old = previous.get("settings", {})
@@ -393,6 +393,7 @@ def cmd_sweep(args) -> int:
         settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
         done = previous.get("records", [])
         earlier_seconds = float(previous.get("wall_seconds", 0.0))
+        invocations = previous.get("invocations", [])
     meta = {
         "kind": SWEEP_KIND,
         **provenance(["sparse-attention", *args.argv]),
@@ -403,8 +404,11 @@ def cmd_sweep(args) -> int:
 
     def write(records) -> None:
         wall = earlier_seconds + time.perf_counter() - start
-        body = {**meta, "wall_seconds": wall, "ks": args.k, "methods": list(methods), "fronts": fronts(records),
-                "records": records}  # fmt: skip
+        # Each call that measured records: what ran them (the top-level provenance is the latest call's).
+        this = {key: meta[key] for key in ("command", "commit", "torch_threads")}
+        this |= {"wall_seconds": time.perf_counter() - start, "records_measured": len(records) - len(done)}
+        body = {**meta, "wall_seconds": wall, "invocations": [*invocations, this], "ks": args.k,
+                "methods": list(methods), "fronts": fronts(records), "records": records}  # fmt: skip
         write_text(out, json.dumps(body, indent=1) + "\n")
 
     records = sweep(

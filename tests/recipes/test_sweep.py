@@ -246,6 +246,7 @@ def test_the_sweep_command_writes_resumes_and_refuses_foreign_files(tmp_path, ca
     assert main([*argv, "--methods", "top-k", "top-theta pre exact", "--resume"]) == 0
     again = json.loads(out.read_text())["records"]
     assert again[:2] == body["records"] and [(r["method"], r["k"]) for r in again[2:]] == [("top-theta pre exact", 4)]
+    assert [i["records_measured"] for i in json.loads(out.read_text())["invocations"]] == [2, 1]
     assert main([*argv, "--windows", "2", "--resume"]) == 2
     assert "--resume" in capsys.readouterr().err
     foreign = tmp_path / "notes.json"
