@@ -134,14 +134,14 @@ def run_length(args, writer, env, rates, *, length: int, dims: dict, top_k: int,
         errors["reference"] = "skipped: its [B, Hq, L, L] temporaries do not fit in memory"
     harness.release()
     sdpa_all, sdpa_peaks = {}, {}
-    for name in ("flash", "efficient", "cudnn"):
+    for name in args.sdpa_backends or ("flash", "efficient", "cudnn"):
         step_ms = harness.try_time(f"sdpa_{name}", lambda n=name: [_sdpa_step(*s, grad_out, n) for s in sets],
                                    timing, errors, **opts)  # fmt: skip
         if step_ms is not None:
             sdpa_all[name] = step_ms
             sdpa_peaks[name] = harness.peak_memory_mb(_sdpa_step(*sets[0], grad_out, name))
         harness.release()
-    sdpa_ms, sdpa_backend = harness.best_sdpa(sdpa_all, preferred="flash")
+    sdpa_ms, sdpa_backend = harness.best_sdpa(sdpa_all)
     flex_ms = None
     if flex:
         flex_ms = harness.try_time("flex", lambda: [_flex_step(*s, grad_out) for s in sets], timing, errors, **opts)
@@ -171,6 +171,7 @@ def run_length(args, writer, env, rates, *, length: int, dims: dict, top_k: int,
         sdpa_ms=sdpa_ms,
         sdpa_backend=sdpa_backend,
         sdpa_all_ms=sdpa_all,
+        **harness.sdpa_fields(sdpa_all),
         flex_ms=flex_ms,
         errors=errors,
         floor_ms=floor,

@@ -14,7 +14,8 @@ through this module, so that all numbers of one run are taken the same way:
 - **Floors** (DESIGN.md "Performance yardsticks"): the device-to-device copy bandwidth (bytes read plus bytes
   written) and the bf16 matrix-product rate, measured once per process (:func:`machine_rates`).
 - **Records** (:data:`REQUIRED_KEYS`, :func:`make_record`, :func:`validate_record`, :class:`ResultWriter`): a JSON
-  list of flat dicts, rewritten after every record so that a run cut short keeps what it measured.
+  list of flat dicts (``kind`` "prefill", "decode", "regularizer" or "e2e"), rewritten after every record so that a
+  run cut short keeps what it measured.
 
 On a machine without CUDA the module imports and its record, CLI and CPU-timer parts work (the ``--smoke`` mode
 of the benchmarks and the CPU tests use them); nothing is ever measured there for the results files.
@@ -41,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 COMMIT_ENV = "SPARSE_ATTENTION_COMMIT"
 UNKNOWN = "unknown"
-KINDS = ("prefill", "decode", "regularizer")
+KINDS = ("prefill", "decode", "regularizer", "e2e")
 MIB = 1 << 20
 
 # Every record has these keys (a value may be None where it does not apply, e.g. gbps for compute-bound prefill).
@@ -55,7 +56,9 @@ REQUIRED_KEYS = (
     "dtype",
     "shape",
     "ms",
+    "variant",
     "sdpa_ms",
+    "sdpa_cudnn_ms",
     "flex_ms",
     "floor_ms",
     "speedup_vs_sdpa",
@@ -64,11 +67,17 @@ REQUIRED_KEYS = (
     "gbps",
     "peak_mem_mb",
 )
-# Besides REQUIRED_KEYS, each kind reports its kept fraction under this key.
-KEPT_KEY = {"prefill": "kept_element_fraction", "decode": "kept_v_fraction", "regularizer": "kept_element_fraction"}
+# Besides REQUIRED_KEYS, each kind reports its kept fraction under this key (e2e: the decode steps' kept V rows).
+KEPT_KEY = {
+    "prefill": "kept_element_fraction",
+    "decode": "kept_v_fraction",
+    "regularizer": "kept_element_fraction",
+    "e2e": "kept_v_fraction",
+}
 _NUMBER_KEYS = (
     "ms",
     "sdpa_ms",
+    "sdpa_cudnn_ms",
     "flex_ms",
     "floor_ms",
     "speedup_vs_sdpa",
@@ -76,7 +85,7 @@ _NUMBER_KEYS = (
     "gbps",
     "peak_mem_mb",
 )
-_STRING_KEYS = ("device", "torch", "triton", "commit", "command", "dtype")
+_STRING_KEYS = ("device", "torch", "triton", "commit", "command", "dtype", "variant")
 SHAPE_KEYS = ("B", "Hq", "Hkv", "Lq", "Lk", "D")
 
 # Timing defaults (milliseconds of do_bench warm-up and repeats), full run and --quick.
@@ -142,6 +151,15 @@ def _triton_version() -> str:
         return UNKNOWN
 
 
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def environment() -> dict:
     """Device and software versions common to every record of this process."""
     cuda = torch.cuda.is_available()
@@ -149,6 +167,7 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "triton": _triton_version(),
+        "transformers": _package_version("transformers"),
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "commit": git_commit(),
@@ -161,6 +180,28 @@ def environment() -> dict:
         env["l2_mb"] = round(getattr(props, "L2_cache_size", 0) / MIB, 1)
         env["gpu_mem_gb"] = round(props.total_memory / 2**30, 1)
     return env
+
+
+def environment_text() -> str:
+    """The software and device description a GPU run writes to ``env.txt`` (one ``key: value`` per line): the
+    record environment, where the package was imported from, device properties, package versions and the settings
+    read from the environment. Raises ``ImportError`` when ``sparse_attention.kernels`` does not import."""
+    import sparse_attention.kernels as kernels  # fails when the package is not installed: env.txt's caller checks
+
+    lines = [f"{key}: {value}" for key, value in environment().items()]
+    lines.append(f"package: {Path(kernels.__file__).parent.parent}")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        lines.append(f"capability: {props.major}.{props.minor}")
+        lines.append(f"cudnn: {torch.backends.cudnn.version()}")
+    for name in ("numpy", "pytest", "pytest-xdist", "pytest-timeout", "matplotlib"):
+        lines.append(f"{name}: {_package_version(name)}")
+    lines.append(f"cpu_count: {os.cpu_count()}")
+    lines.append(f"platform: {platform.platform()}")
+    for key in sorted(os.environ):
+        if key.startswith(("SPARSE_ATTENTION_", "TRITON_", "FIRST_RUN_")) or key == "CUDA_VISIBLE_DEVICES":
+            lines.append(f"env {key}={os.environ[key]}")
+    return "\n".join(lines) + "\n"
 
 
 _RATES: dict | None = None
@@ -289,6 +330,14 @@ def json_number(value):
     return value if math.isfinite(value) else None
 
 
+def number(value):
+    """A statistic (a Python number or a 0-d device tensor, e.g. a kernel's tile count) as a float for a record;
+    ``None`` stays ``None``. Synchronises: use outside timed regions only."""
+    if value is None:
+        return None
+    return json_number(value.item() if isinstance(value, torch.Tensor) else value)
+
+
 def ratio(numerator, denominator):
     """``numerator / denominator``, or None when either is missing or the denominator is not positive."""
     if numerator is None or denominator is None or denominator <= 0:
@@ -311,10 +360,19 @@ def parse_structure(text: str | None) -> dict:
     return out
 
 
+def parse_backends(text: str) -> tuple[str, ...]:
+    """``"flash,cudnn"`` as a tuple of SDPA backend names, each one of :data:`SDPA_BACKEND_NAMES`."""
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in SDPA_BACKEND_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"SDPA backends must be among {SDPA_BACKEND_NAMES}, got {text!r}")
+    return names
+
+
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     """The options every benchmark script takes."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="the reduced shape set of benchmarks/run_gpu.sh")
+    parser.add_argument("--quick", action="store_true", help="a reduced shape set and shorter repeats")
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -324,6 +382,12 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=("triton", "reference"), default="triton", help="our implementation")
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline (saves compiles)")
+    parser.add_argument(
+        "--sdpa-backends",
+        type=parse_backends,
+        default=None,
+        help=f"SDPA backends to time, comma-separated from {','.join(SDPA_BACKEND_NAMES)} (default: the script's)",
+    )
     parser.add_argument("--no-graph", action="store_true", help="time eagerly instead of replaying CUDA graphs")
     parser.add_argument("--warmup-ms", type=float, default=WARMUP_MS)
     parser.add_argument("--rep-ms", type=float, default=None, help=f"do_bench repeat time (default {REP_MS}, quick "
@@ -599,7 +663,7 @@ def summary_line(record: dict) -> str:
         return "-" if value is None else format(value, spec)
 
     return (
-        f"{record['kind']:<11} {record['dtype']:<4} {dims} {'dense' if record['dense_mode'] else 'sparse'} "
+        f"{record['kind']:<11} {record['dtype']:<4} {dims} {record['variant']} "
         f"kept={fmt(kept, '.3f')} ms={fmt(record['ms'], '.4f')} sdpa={fmt(record['sdpa_ms'], '.4f')} "
         f"flex={fmt(record['flex_ms'], '.4f')} floor={fmt(record['floor_ms'], '.4f')} "
         f"x_sdpa={fmt(record['speedup_vs_sdpa'], '.2f')} check={record.get('check_ok')}"
@@ -615,6 +679,11 @@ def input_copies(tensors: Sequence[torch.Tensor], count: int) -> list[tuple[torc
     return sets
 
 
+def _time_sdpa(name: str, sets, causal: bool, timing: dict, errors: dict, opts: dict) -> float | None:
+    return try_time(f"sdpa_{name}", lambda: [sdpa_call(*s, causal=causal, backend=name) for s in sets], timing, errors,
+                    **opts)  # fmt: skip
+
+
 def attention_baselines(
     sets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     *,
@@ -626,8 +695,11 @@ def attention_baselines(
     backends: Sequence[str] = SDPA_BACKEND_NAMES,
 ) -> dict:
     """Time SDPA on each of ``backends`` that runs the shape (math only where it fits) and, if ``flex``,
-    FlexAttention, on the rotated input ``sets``. Returns ``sdpa_all_ms`` (backend → ms), ``sdpa_errors``, ``flex_ms``,
-    ``flex_error``, ``timing`` (name → method) and ``sdpa_peak_mem_mb`` (per backend that ran)."""
+    FlexAttention, on the rotated input ``sets``. A backend that refuses grouped-query attention (``enable_gqa``) is
+    timed again on K and V expanded to every query head, what its user would have to do (the bytes it reads grow
+    by the group size; listed in ``sdpa_expanded_kv``). Returns ``sdpa_all_ms`` (backend → ms), ``sdpa_errors``,
+    ``sdpa_expanded_kv``, ``flex_ms``, ``flex_error``, ``timing`` (name → method) and ``sdpa_peak_mem_mb`` (per
+    backend that ran)."""
     q, k, _ = sets[0]
     b, hq, lq, d = q.shape
     lk = k.shape[2]
@@ -635,23 +707,26 @@ def attention_baselines(
     errors: dict = {}
     all_ms: dict = {}
     peaks: dict = {}
+    expanded_kv: list = []
     opts = dict(warmup_ms=warmup_ms, rep_ms=rep_ms, graph=graph)
+    group = hq // k.shape[1]
     for name in backends:
         if name == "math" and not math_fits(b, hq, lq, lk, d, q.element_size()):
             errors[name] = "skipped: its materialised [B, Hq, Lq, Lk] scores do not fit in memory"
             continue
-        ms = try_time(
-            f"sdpa_{name}",
-            lambda n=name: [sdpa_call(*s, causal=causal, backend=n) for s in sets],
-            timing,
-            errors,
-            **opts,
-        )
+        ms, used = _time_sdpa(name, sets, causal, timing, errors, opts), sets
+        if ms is None and group > 1:
+            errors[f"{name} (native GQA)"] = errors.pop(f"sdpa_{name}")
+            used = [(sq, sk.repeat_interleave(group, 1), sv.repeat_interleave(group, 1)) for sq, sk, sv in sets]
+            ms = _time_sdpa(name, used, causal, timing, errors, opts)
+            if ms is not None:
+                expanded_kv.append(name)
         if ms is not None:
             all_ms[name] = ms
-            peaks[name] = peak_memory_mb(sdpa_call(*sets[0], causal=causal, backend=name))
+            peaks[name] = peak_memory_mb(sdpa_call(*used[0], causal=causal, backend=name))
         else:
             errors[name] = errors.pop(f"sdpa_{name}")
+        del used
         release()
     flex_ms, flex_error = None, "skipped"
     if flex:
@@ -662,11 +737,17 @@ def attention_baselines(
     return {
         "sdpa_all_ms": all_ms,
         "sdpa_errors": errors,
+        "sdpa_expanded_kv": expanded_kv,
         "flex_ms": flex_ms,
         "flex_error": flex_error if flex_ms is None else None,
         "timing": timing,
         "sdpa_peak_mem_mb": peaks,
     }
+
+
+def sdpa_fields(all_ms: dict) -> dict:
+    """``sdpa_<backend>_ms`` for every SDPA backend name (None where it did not run), for the records."""
+    return {f"sdpa_{name}_ms": all_ms.get(name) for name in SDPA_BACKEND_NAMES}
 
 
 def best_sdpa(all_ms: dict, preferred: str | None = None) -> tuple[float | None, str | None]:
@@ -677,3 +758,10 @@ def best_sdpa(all_ms: dict, preferred: str | None = None) -> tuple[float | None,
         return None, None
     name = min(all_ms, key=all_ms.get)
     return all_ms[name], name
+
+
+if __name__ == "__main__":
+    # `python benchmarks/harness.py env`: the environment description of benchmarks/first_run.sh (env.txt).
+    if sys.argv[1:] != ["env"]:
+        raise SystemExit("usage: python benchmarks/harness.py env")
+    print(environment_text(), end="")

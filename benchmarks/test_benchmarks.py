@@ -104,7 +104,7 @@ def test_prefill(benchmark, dense):
     benchmark.extra_info.update(
         do_bench_ms=ms, sdpa_flash_ms=sdpa_ms, speedup_vs_sdpa_flash=sdpa_ms / ms,
         kept_element_fraction=stats.kept_fraction,
-        skipped_tile_fraction=(stats.skipped_tiles / stats.total_tiles) if stats.total_tiles else None,
+        skipped_tile_fraction=harness.ratio(harness.number(stats.skipped_tiles), harness.number(stats.total_tiles)),
     )  # fmt: skip
     benchmark.pedantic(_synced(fn), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
 

@@ -12,8 +12,10 @@ from .hf.backend import configure, ensure_registered, thresholds_of
 from .hf.calibration import calibrate
 from .hf.condensation import Condensation, condensation
 from .hf.stats import StatsCollector, TopKAttention, collect_stats
+from .hf.trainer import CondensationTrainer
 from .ops.attention import top_theta_attention
 from .ops.contract import AttentionStats
+from .ops.distributed import shard
 from .ops.module import TopThetaAttention
 from .ops.reference import topk_attention
 from .ops.regularizer import RegularizerTerms, regularizer_terms, topk_regularizer
@@ -40,6 +42,7 @@ __all__ = [
     "DEFAULT_MODEL_DIR",
     "AttentionStats",
     "Condensation",
+    "CondensationTrainer",
     "RegularizerTerms",
     "StatsCollector",
     "StepLog",
@@ -61,6 +64,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_texts",
     "regularizer_terms",
+    "shard",
     "stdlib_texts",
     "sweep",
     "thresholds_of",

@@ -11,6 +11,11 @@ denominator table records the mean mass that top-k drops, ``Σ_{j not in top-k} 
 
 Scores are soft-capped, sinks join the row max and the softmax, and a value head dim of its own is carried, all as
 the model's own attention computes them.
+
+Under ``torch.distributed`` (``process_group``, see :mod:`sparse_attention.ops.distributed`) each process calibrates
+on its own batches and the records (per-(layer, head, n) counts, sums, sums of squares and dropped mass, float64) are
+summed across processes before they are pooled, so every process ends with the same thresholds, those of one process
+calibrating on the union of the batches.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import replace
 
 import torch
 
-from ..ops import reference
+from ..ops import distributed, reference
 from ..ops.contract import DEFAULT_DENSE_LAYERS, DEFAULT_SIGMA, PLACEMENTS, AttentionCall, check_choice, check_int
 from ..ops.thresholds import Thresholds
 from .backend import ModelContext, language_model
@@ -104,6 +109,19 @@ class Calibrator(ModelContext):
         else:
             out, stats = reference.attend(call, observe=observe)
         return out, stats, not pruned
+
+    def merge(self, group) -> None:
+        """Sum the records of every process of ``group`` into this one's (a collective: every process of the group
+        calls it; nothing for ``group=None``)."""
+        if group is None:
+            return
+        cap = int(distributed.all_reduce(torch.tensor([self._cap], dtype=torch.int64), group, "max"))
+        if cap == 0:
+            return  # no process recorded anything; thresholds() says so on every process
+        self.grow(cap - 1)  # capacities are powers of two >= 64: this grows to exactly ``cap``
+        summed = distributed.all_reduce(torch.stack([getattr(self, name) for name in _RECORDS]), group)
+        for name, total in zip(_RECORDS, summed.unbind(0), strict=True):
+            setattr(self, name, total.contiguous())
 
     def state(self) -> dict[str, torch.Tensor]:
         """The records, ``[L, Hq, capacity]`` float64 each (``count``, ``total``, ``total_sq``, ``dropped``)."""
@@ -194,6 +212,7 @@ def calibrate(
     max_rows: int | None = None,
     num_points: int = 16,
     progress: bool = True,
+    process_group="auto",
 ) -> Thresholds:
     """Calibrate Top-θ thresholds for ``model`` on ``batches``.
 
@@ -201,7 +220,8 @@ def calibrate(
         model: a Hugging Face causal LM whose attention goes through ``AttentionInterface`` (GPT-2, Llama, ...), or a
             multimodal wrapper (its language model is calibrated).
         batches: iterable of ``input_ids`` tensors ``[B, L]`` (or ``[L]``) or dicts of model inputs (with
-            ``attention_mask`` for padded batches).
+            ``attention_mask`` for padded batches). Under a process group: this process's share of the calibration
+            batches (:func:`sparse_attention.shard` deals them out); any split works, as every record is summed.
         k: the target number of kept keys per row, an int or a mapping layer → k for every layer; rows with
             ``n <= k`` of their layer are never pruned.
         placement: ``"pre"`` (thresholds on scores) or ``"post"`` (on softmax probabilities).
@@ -212,16 +232,24 @@ def calibrate(
             calibrating, as its inference does).
         max_rows: record at most this many evenly spaced query rows per sequence (default: all rows).
         num_points: row-length points of the compact table (default 16).
-        progress: show a progress bar.
+        progress: show a progress bar (on the process of rank 0 only).
+        process_group: ``"auto"`` (default: the default process group when ``torch.distributed`` is initialised with
+            several processes, else none), ``None`` (this process alone) or a ``torch.distributed.ProcessGroup``. With
+            a group, the records of all its processes are summed (one ``all_reduce``, float64) before they are pooled,
+            so every process returns the same thresholds: those of a single process calibrating on the union of the
+            batches (equal up to float64 summation order, i.e. to float32 rounding). Every process of the group must
+            call :func:`calibrate` with the same settings. A process that passes the same batches as the others adds
+            nothing but counts: mean and std are unchanged.
 
     Returns:
         :class:`Thresholds` (with a ``"calibrated"`` sdc table).
 
     Raises:
         ValueError: a bad ``k``, an unknown placement, a model without layer/head counts, or calibration text with no
-        row longer than ``k``. TypeError: batches of the wrong kind.
+        row longer than ``k`` (on every process), a bad ``process_group``. TypeError: batches of the wrong kind.
     """
     check_choice("placement", placement, PLACEMENTS)
+    group = distributed.resolve_group(process_group)
     if max_rows is not None:
         check_int("max_rows", max_rows)
     check_int("num_points", num_points)
@@ -240,8 +268,10 @@ def calibrate(
     )  # fmt: skip
     try:
         with calibrator, torch.no_grad():
-            for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+            show = progress and distributed.rank(group) == 0
+            for batch in tqdm(batches, desc="calibrating", disable=not show, leave=False):
                 model(**_as_inputs(batch, device), use_cache=False)
     finally:
         model.train(was_training)
+    calibrator.merge(group)
     return calibrator.thresholds(sigma, num_points)

@@ -22,30 +22,23 @@ Plain PyTorch::
             optimizer.step()
             optimizer.zero_grad()
 
-transformers' ``Trainer``: add the penalty in ``compute_loss``::
-
-    class CondensationTrainer(transformers.Trainer):
-        def __init__(self, *args, condensation, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.condensation = condensation
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            reg = self.condensation
-            loss = loss + reg.lam_at(self.state.global_step) * reg.loss  # zero in evaluation
-            return (loss, outputs) if return_outputs else loss
+transformers' ``Trainer``: :class:`sparse_attention.CondensationTrainer` adds ``reg.lam_at(global_step) · reg.loss``
+to the ``Trainer``'s loss (λ ramps by optimizer steps, and keeps its weight under gradient accumulation)::
 
     with sparse_attention.condensation(model, k=16, warmup=100) as reg:
-        CondensationTrainer(model=model, args=args, train_dataset=data, condensation=reg).train()
-
-``lam_at(self.state.global_step)`` ramps λ by optimizer steps rather than forward passes, which differ under gradient
-accumulation. With ``gradient_accumulation_steps = G`` and a model whose loss takes ``num_items_in_batch`` (most causal
-LMs), Trainer does not divide the loss by G, so pass ``lam / G`` to keep the same weight.
+        sparse_attention.CondensationTrainer(model=model, args=args, train_dataset=data, condensation=reg).train()
 
 Gradient checkpointing re-runs layers during the backward pass; those calls record again, harmlessly: the records are
 dropped at the next forward of the model.
+
+Data parallelism (DDP, FSDP, ``Trainer`` under ``torchrun`` / ``accelerate launch``): with a process group
+(``process_group``, default ``"auto"``: the default group when ``torch.distributed`` is initialised with several
+processes), the end of every training forward of the model all-reduces the regularized row count, and ``reg.loss`` on
+each process is ``(sum of this process's row losses) · world_size / (rows of all processes)``. DDP and FSDP average
+gradients over the processes, so the gradient of ``reg.loss`` they apply is that of the mean over every regularized
+row of the global batch, exactly as one process on the whole batch, whatever the split of rows between processes.
+(Without the all-reduce that holds only when every process has the same number of regularized rows.) ``reg.rows`` and
+``reg.topk_mass`` then describe the global batch, and ``reg.loss_value`` is the global mean as a float.
 """
 
 from __future__ import annotations
@@ -54,7 +47,7 @@ import math
 
 import torch
 
-from ..ops import regularizer
+from ..ops import distributed, regularizer
 from ..ops.contract import BACKENDS, DEFAULT_DENSE_LAYERS, AttentionCall, check_choice, check_int
 from ..ops.regularizer import KINDS, RegularizerTerms
 from .backend import ModelContext, language_model, model_settings
@@ -74,7 +67,7 @@ class Condensation(ModelContext):
     """The regularizer of one model's attention layers; create it with :func:`condensation`.
 
     Attributes:
-        k, kind, lam, warmup, backend: as given to :func:`condensation`.
+        k, kind, lam, warmup, backend, process_group: as given to :func:`condensation`.
         dense_layers: layer indices that are not regularized.
         step: training forwards of the model so far, minus one (-1 before the first); drives :attr:`lam`. Settable.
     """
@@ -89,8 +82,10 @@ class Condensation(ModelContext):
         warmup: int = 0,
         dense_layers=None,
         backend: str = "auto",
+        process_group="auto",
     ):
         super().__init__(model, switch=True)
+        distributed.check_group(process_group)
         check_int("k", k)
         check_choice("kind", kind, KINDS)
         check_choice("backend", backend, BACKENDS)
@@ -109,31 +104,61 @@ class Condensation(ModelContext):
         self.lam = float(lam)
         self.warmup = warmup
         self.backend = backend
+        self.process_group = process_group
         self.step = -1
         self._records: list[tuple[int | None, RegularizerTerms]] = []
-        self._hook = None
+        # (world size, global [rows, mass_sum, loss_sum]) of the latest training forward under a process group.
+        self._global: tuple[int, torch.Tensor] | None = None
+        self._hooks = []
 
     def __enter__(self) -> Condensation:
         super().__enter__()
-        self._hook = self.model.register_forward_pre_hook(self._on_forward)
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._on_forward),
+            self.model.register_forward_hook(self._after_forward),
+        ]
         self.reset()
         return self
 
     def __exit__(self, *exc):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self.reset()
         return super().__exit__(*exc)
 
     def _on_forward(self, module, args) -> None:
-        self._records.clear()
+        self.reset()
         if module.training:
             self.step += 1
+
+    def _after_forward(self, module, args, output) -> None:
+        """Under a process group, sum the row count, top-k mass and loss of the forward over its processes (every
+        process runs the training forwards, so this collective is matched on all of them)."""
+        if not module.training:
+            return
+        group = distributed.resolve_group(self.process_group)
+        if group is None:
+            return
+        local = torch.zeros(3, dtype=torch.float64, device=self._device())
+        if self._records:
+            local = torch.stack([self._sum(f).detach().double() for f in ("rows", "mass_sum", "loss_sum")])
+        self._global = (distributed.world_size(group), distributed.all_reduce(local, group))
+
+    def _device(self) -> torch.device:
+        return next(iter(self.model.parameters()), torch.empty(0)).device
 
     def reset(self) -> None:
         """Drop the records of the current forward (the next forward of the model does this by itself)."""
         self._records.clear()
+        self._global = None
+
+    def _check_merged(self) -> None:
+        if self._global is None and self._records and distributed.resolve_group(self.process_group) is not None:
+            raise RuntimeError(
+                "under a process group the regularizer's rows are counted over all processes at the end of the "
+                "model's training forward: read reg.loss after model(...) returns (or pass process_group=None)"
+            )
 
     def observe(self, module, call: AttentionCall, out, stats, dense: bool) -> None:
         """The backend's training-mode calls: add the layer's regularizer terms (the call keeps its causality,
@@ -195,22 +220,51 @@ class Condensation(ModelContext):
     def loss(self) -> torch.Tensor:
         """Mean per-row loss over every regularized (layer, head, row) of the latest forward: a float32 scalar,
         differentiable with respect to the model's parameters. Zero when nothing was recorded (evaluation mode,
-        only dense layers, or no row longer than k)."""
+        only dense layers, or no row longer than k).
+
+        Under a process group: this process's share, ``(sum of its row losses) · world_size / (rows of all
+        processes)``, whose average over the processes (what DDP and FSDP do with gradients) is the global mean.
+
+        Raises:
+            RuntimeError: under a process group, read during the model's forward (before the rows are counted).
+        """
+        self._check_merged()
         loss_sum = self._sum("loss_sum")
         if loss_sum is None:
-            device = next(iter(self.model.parameters()), torch.empty(0)).device
-            return torch.zeros((), dtype=torch.float32, device=device)
+            return torch.zeros((), dtype=torch.float32, device=self._device())
+        if self._global is not None:
+            world, totals = self._global
+            return loss_sum * (world / totals[0].clamp_min(1.0).to(loss_sum))
         return loss_sum / self._sum("rows").clamp_min(1.0)
 
     @property
+    def loss_value(self) -> float:
+        """The mean per-row loss of the latest forward over every process's rows, as a float (for logging; the same
+        on every process); ``reg.loss.item()`` for a single process."""
+        self._check_merged()
+        if self._global is not None:
+            totals = self._global[1]
+            return float(totals[2] / totals[0].clamp_min(1.0))
+        return float(self.loss.detach())
+
+    @property
     def rows(self) -> int:
-        """Number of regularized (layer, head, row) triples recorded in the latest forward."""
+        """Number of regularized (layer, head, row) triples recorded in the latest forward (of every process, under a
+        process group)."""
+        self._check_merged()
+        if self._global is not None:
+            return int(self._global[1][0])
         rows = self._sum("rows")
         return 0 if rows is None else int(rows.item())
 
     @property
     def topk_mass(self) -> float:
-        """Mean top-k softmax mass over the regularized rows of the latest forward (NaN when there are none)."""
+        """Mean top-k softmax mass over the regularized rows of the latest forward (of every process, under a process
+        group); NaN when there are none."""
+        self._check_merged()
+        if self._global is not None:
+            rows, mass = self._global[1][0], self._global[1][1]
+            return float(mass / rows) if rows > 0 else float("nan")
         mass = self._sum("mass_sum")
         rows = self._sum("rows")
         if mass is None or rows.item() == 0:
@@ -218,7 +272,7 @@ class Condensation(ModelContext):
         return (mass / rows).item()
 
     def layer_mass(self) -> dict[int | None, float]:
-        """Mean top-k mass per regularized layer in the latest forward."""
+        """Mean top-k mass per regularized layer in the latest forward (of this process's rows)."""
         mass: dict[int | None, float] = {}
         rows: dict[int | None, float] = {}
         for layer, terms in self._records:
@@ -252,6 +306,7 @@ def condensation(
     warmup: int = 0,
     dense_layers=None,
     backend: str = "auto",
+    process_group="auto",
 ) -> Condensation:
     """Context manager that regularizes a Hugging Face model's attention toward its top k keys while training.
 
@@ -270,12 +325,21 @@ def condensation(
             it is configured, else the first two layers, which Top-θ inference keeps dense. Pass ``()`` for all.
         backend: regularizer backend, ``"auto"`` (fused Triton kernels for CUDA tensors), ``"reference"`` or
             ``"triton"``.
+        process_group: ``"auto"`` (default: the default process group when ``torch.distributed`` is initialised with
+            several processes, else none), ``None`` (this process alone) or a ``torch.distributed.ProcessGroup``.
+            With a group, ``reg.loss`` is this process's share of the global mean (see the module docstring), so
+            that DDP / FSDP gradient averaging trains on the mean over every regularized row of the global batch.
+            Pass the model itself (not its DDP wrapper); every process must run the same training forwards.
 
     Returns:
         A :class:`Condensation`; use it in a ``with`` statement.
 
     Raises:
-        ValueError: bad ``k``, ``kind``, ``lam``, ``warmup``, ``dense_layers`` or ``backend``; on entry, when another
-        condensation is already active on the model. TypeError: ``model`` is not a ``torch.nn.Module``.
+        ValueError: bad ``k``, ``kind``, ``lam``, ``warmup``, ``dense_layers``, ``backend`` or ``process_group``; on
+        entry, when another condensation is already active on the model. TypeError: ``model`` is not a
+        ``torch.nn.Module``.
     """
-    return Condensation(model, k, kind, lam=lam, warmup=warmup, dense_layers=dense_layers, backend=backend)
+    return Condensation(
+        model, k, kind, lam=lam, warmup=warmup, dense_layers=dense_layers, backend=backend,
+        process_group=process_group,
+    )  # fmt: skip

@@ -171,7 +171,7 @@ def attend(
         kept_n = keep.sum(-1)
         if call.placement == "post" or sdc == "exact":
             miss = d_all - d_kept
-        elif sdc == "none":
+        elif sdc == "none" or th is None:  # no threshold: no row is pruned, the denominator is D_all below
             miss = torch.zeros_like(d_kept)
         elif sdc == "threshold":
             dropped = (n - kept_n).float()
@@ -180,11 +180,15 @@ def attend(
         else:
             miss = lookup(call.sdc_table, n)
         scale = 1.0 if call.placement == "post" else call.sdc_scale
-        denom = torch.where(prunable, d_kept + scale * miss, d_all)
+        # sdc_scale = 0 is no compensation, also where the term is infinite (θ = +inf with dropped keys): 0 · ∞ = 0.
+        comp = scale * miss if scale else torch.zeros_like(miss)
+        denom = torch.where(prunable, d_kept + comp, d_all)
         if call.placement == "post":
             denom = d_all
-        # Only empty rows have a zero denominator; NaN stays NaN and an infinite one gives zero weights.
+        # Only empty rows have a zero denominator; NaN stays NaN and an infinite one gives zero weights. A row whose
+        # max is NaN (it sees a NaN score) is NaN even when it keeps nothing and its denominator ignores the NaN.
         denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+        denom = torch.where(torch.isnan(m), m, denom)
         p = e_kept / denom[..., None]
         o = grouped_pv(p, v)
         if call.vmc:

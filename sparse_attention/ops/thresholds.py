@@ -268,7 +268,7 @@ class Thresholds:
         """
         from safetensors.torch import save_file
 
-        path = check_target(path, folder=False, ours=is_thresholds_file, what="thresholds", overwrite=overwrite)
+        path = check_target(path, folder=False, ours=is_thresholds_file, what="thresholds file", overwrite=overwrite)
         meta = {k: v for k, v in self.to_dict().items() if k not in ("n_points", "theta", "sdc_table")}
         tensors = {"n_points": self.n_points.contiguous(), "theta": self.theta.contiguous()}
         if self.sdc_table is not None:

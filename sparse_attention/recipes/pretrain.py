@@ -7,7 +7,9 @@ Reproduces ``sparse_attention/assets/default/`` from a seed. Steps:
 2. train a ``GPT2LMHeadModel`` from scratch on random windows of the tokenized train split with AdamW,
    linear warmup and cosine decay;
 3. measure the perplexity on fixed, non-overlapping windows of the "heldout" split;
-4. save the model (safetensors), the tokenizer (``PreTrainedTokenizerFast`` files) and ``MODEL_CARD.md``.
+4. save the model (safetensors), the tokenizer (``PreTrainedTokenizerFast`` files) and ``MODEL_CARD.md`` into a
+   folder that replaces ``--out`` as a whole (``sparse_attention.ops.files``); an ``--out`` this package did not
+   write is refused before training unless ``--overwrite`` is given.
 
 Every random choice (tokenizer training is deterministic, weight init, window sampling) derives from
 ``--seed``. Results are bitwise reproducible for a given torch build, CPU and ``--threads``; a different
@@ -32,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..ops.files import TargetError, check_target, is_checkpoint_folder, write_folder
 from . import data
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "default"
@@ -43,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed for weight init and window sampling")
     parser.add_argument("--steps", type=int, default=550, help="optimizer steps")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (created)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (replaced as a whole)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out folder this package did not write")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch and the tokenizer")
     parser.add_argument("--device", default="cpu", help="torch device to train on")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size incl. special token")
@@ -65,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--context and --eval-context must not exceed --n-positions")
     if args.n_embd % args.n_head:
         parser.error("--n-embd must be a multiple of --n-head")
+    # Before the long job: an output folder that cannot or must not be replaced.
+    try:
+        check_target(args.out, folder=True, ours=is_checkpoint_folder, what="checkpoint", overwrite=args.overwrite)
+    except TargetError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -287,10 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_windows = eval_tokens // (args.eval_context - 1)
     print(f"held-out perplexity {ppl:.3f} over {eval_tokens:,} tokens", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.to("cpu").save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
-
+    model.to("cpu")
     last_n = min(100, len(losses))
     command_args = sys.argv[1:] if argv is None else argv
     facts = {
@@ -330,7 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         "eval_context": args.eval_context,
         "eval_tokens": eval_tokens,
     }
-    write_model_card(args.out, facts)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, facts)
+
+    write_folder(args.out, write)
     print(json.dumps({k: facts[k] for k in ("params", "steps", "tokens_seen", "train_seconds", "heldout_ppl")}))
     print(f"saved to {args.out}", flush=True)
     return 0

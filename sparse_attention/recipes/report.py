@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..ops.files import write_file
+
 COMMIT_ENV = "SPARSE_ATTENTION_COMMIT"
 UNKNOWN = "unknown"
 # The source tree of an editable install (or a checkout); a wheel has no .git here and reports "unknown".
@@ -87,7 +89,7 @@ def format_table(records: list[dict]) -> str:
 
 def plot(records: list[dict], path, title: str | None = None) -> bool:
     """Draw perplexity against kept fraction (PNG): one curve per (checkpoint, method), each checkpoint's dense
-    perplexity as a line. Returns False when matplotlib is not installed."""
+    perplexity as a line; written atomically. Returns False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -122,6 +124,8 @@ def plot(records: list[dict], path, title: str | None = None) -> bool:
         ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return True

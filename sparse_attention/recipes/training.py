@@ -6,6 +6,12 @@ and KL the distillation term (:func:`distillation_loss`): the divergence of the 
 a frozen teacher's, by default the model itself as it was before the fine-tune. The distillation term is what holds
 the perplexity while the regularizer condenses the attention. Per step it records the LM loss, KL, R and the mean
 top-k softmax mass of the regularized rows.
+
+Under ``torch.distributed`` (``torchrun``; ``process_group``) it trains data-parallel with
+``torch.nn.parallel.DistributedDataParallel``: every process draws the same global batch of ``batch_size`` windows
+and takes its contiguous share of them; the losses are normalised by the global counts (LM tokens and distilled
+positions, regularized rows), so the averaged gradients, and the weights they train, are those of one process on the
+whole global batch.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..hf.condensation import condensation
+from ..ops import distributed
 from ..ops.contract import check_int
 from .data import token_stream
 
@@ -129,6 +136,7 @@ def finetune(
     log: Callable[[StepLog], None] | None = None,
     distill: float = 0.0,
     teacher: torch.nn.Module | None = None,
+    process_group="auto",
 ) -> list[StepLog]:
     """Fine-tune a causal LM so that its attention condenses onto the top k keys of each row.
 
@@ -158,23 +166,34 @@ def finetune(
         device: where to train (default: the model's device).
         seed: seeds the window sampling (default 0); the model's dropout uses torch's global generator.
         backend: regularizer backend (``"auto"``, ``"reference"``, ``"triton"``).
-        progress: show a tqdm progress bar (default True).
-        log: called with each step's :class:`StepLog` (e.g. ``print``).
+        progress: show a tqdm progress bar (default True; on the process of rank 0 only).
+        log: called with each step's :class:`StepLog` (e.g. ``print``), on every process.
         distill: weight α of the distillation term, in [0, 1] (default 0: the LM loss alone). 1 trains on the
             teacher's distribution only: with λ = 0 the model then stays where it is, and with λ > 0 it finds the
             condensed model closest to the teacher.
         teacher: the frozen model whose next-token distribution is distilled (same vocabulary); it runs in eval mode
             without gradients and is never updated. Default, when ``distill > 0``: a copy of ``model`` taken before
             the first step (the original model). Given with ``distill == 0`` it is an error.
+        process_group: ``"auto"`` (default: the default process group when ``torch.distributed`` is initialised with
+            several processes, else none), ``None`` (this process alone) or a ``torch.distributed.ProcessGroup``.
+            With a group of N processes the model is wrapped in ``DistributedDataParallel`` for the run (on CUDA,
+            ``device`` must be this process's GPU); each step's ``batch_size`` windows (the global batch, the same
+            on every process as every process draws it with ``seed``) are split into N contiguous shares (sizes
+            differing by at most one), the LM loss is normalised by the global token count and R by the global
+            number of regularized rows, so the run equals a single process training on the global batch up to
+            float rounding of the gradient all-reduce; dropout draws different masks. The :class:`StepLog` values
+            are those of the global batch, the same on every process. Every process must call :func:`finetune`
+            with the same arguments.
 
     Returns:
         The history, one :class:`StepLog` per step.
 
     Raises:
         ValueError: bad ``steps``, ``batch_size``, ``seq_len``, ``lr``, data that is neither a token tensor nor text,
-        text without a tokenizer, data shorter than ``seq_len``, a non-finite loss during training; and as
-        :func:`sparse_attention.condensation` for ``k``, ``kind``, ``lam``, ``warmup``, ``dense_layers``, ``backend``;
-        ``distill`` outside [0, 1], or a ``teacher`` without ``distill``, or one that is the model itself.
+        text without a tokenizer, data shorter than ``seq_len``, a non-finite loss during training, a bad
+        ``process_group`` or fewer windows per step than processes; and as :func:`sparse_attention.condensation` for
+        ``k``, ``kind``, ``lam``, ``warmup``, ``dense_layers``, ``backend``; ``distill`` outside [0, 1], or a
+        ``teacher`` without ``distill``, or one that is the model itself.
     """
     check_int("steps", steps)
     check_int("batch_size", batch_size)
@@ -187,9 +206,14 @@ def finetune(
         raise ValueError("a teacher was given with distill=0: pass distill > 0 to use it, or no teacher")
     if teacher is model:
         raise ValueError("the teacher must be a separate, frozen model, not the model being fine-tuned")
+    group = distributed.resolve_group(process_group)
+    world, rank = distributed.world_size(group), distributed.rank(group)
+    if batch_size < world:
+        raise ValueError(f"batch_size={batch_size} windows per step cannot be shared out to {world} processes")
     sample = _window_sampler(tokenizer, data, seq_len, batch_size, torch.Generator().manual_seed(seed))
     if device is None:
         device = next(iter(model.parameters())).device
+    device = torch.device(device)
     if distill > 0:
         if teacher is None:
             teacher = copy.deepcopy(model)
@@ -197,34 +221,52 @@ def finetune(
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    net = model
+    loss_kwargs = {}
+    if group is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, process_group=group
+        )
+        # transformers' causal LM loss with num_items_in_batch is sum / num_items_in_batch: this process's token
+        # losses over the global token count, times N, so that DDP's gradient average is the global mean.
+        loss_kwargs["num_items_in_batch"] = batch_size * (seq_len - 1) / world
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     history: list[StepLog] = []
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="finetune", dynamic_ncols=True)
     try:
-        with condensation(model, k, kind, lam=lam, warmup=warmup, dense_layers=dense_layers, backend=backend) as reg:
+        with condensation(
+            model, k, kind, lam=lam, warmup=warmup, dense_layers=dense_layers, backend=backend, process_group=group
+        ) as reg:
             for step in range(steps):
                 start = time.perf_counter()
-                batch = sample().to(device)
-                out = model(input_ids=batch, labels=batch, use_cache=False)
+                batch = sample().tensor_split(world)[rank].to(device)
+                out = net(input_ids=batch, labels=batch, use_cache=False, **loss_kwargs)
                 lm_loss = out.loss
                 reg_loss = reg.loss
                 lam_now = reg.current_lam
                 loss = lm_loss
-                kl = None
+                kl = torch.zeros((), device=device)
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-                    kl = distillation_loss(out.logits[:, :-1], teacher_logits[:, :-1])
+                    # This share's mean, weighted as the LM loss is: its positions over the global count, times N.
+                    share = len(batch) * world / batch_size
+                    kl = distillation_loss(out.logits[:, :-1], teacher_logits[:, :-1]) * share
                     loss = (1.0 - distill) * lm_loss + distill * kl
                 if lam_now > 0:
                     loss = loss + lam_now * reg_loss
-                if not torch.isfinite(loss):
-                    raise ValueError(f"the loss became {loss.item()} at step {step}; lower lr or lam")
+                # The logged values are the global batch's; deciding on them keeps every process in step.
+                values = torch.stack([lm_loss.detach().float(), kl.detach().float(), loss.detach().float()])
+                lm_value, kl_value, loss_value = (distributed.all_reduce(values, group) / world).tolist()
+                if not math.isfinite(loss_value):
+                    raise ValueError(f"the loss became {loss_value} at step {step}; lower lr or lam")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip is not None:
@@ -232,12 +274,12 @@ def finetune(
                 optimizer.step()
                 entry = StepLog(
                     step=step,
-                    lm_loss=lm_loss.item(),
-                    reg_loss=reg_loss.item(),
+                    lm_loss=lm_value,
+                    reg_loss=reg.loss_value,
                     topk_mass=reg.topk_mass,
                     lam=lam_now,
                     seconds=time.perf_counter() - start,
-                    kl=None if kl is None else kl.item(),
+                    kl=kl_value if teacher is not None else None,
                 )
                 history.append(entry)
                 if bar is not None:
@@ -250,4 +292,5 @@ def finetune(
     finally:
         if bar is not None:
             bar.close()
+        del net  # DDP's gradient hooks go with it; the model itself holds the trained weights
     return history

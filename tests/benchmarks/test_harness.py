@@ -2,7 +2,6 @@
 end to end in their ``--smoke`` mode (tiny shapes, reference backend, CPU timer). Nothing here measures a GPU."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,8 +23,8 @@ SHAPE = {"B": 1, "Hq": 4, "Hkv": 2, "Lq": 1, "Lk": 256, "D": 64}
 
 def _record(kind="decode", **overrides):
     fields = dict(
-        dtype="bf16", shape=dict(SHAPE), ms=0.5, sdpa_ms=0.75, flex_ms=None, floor_ms=0.25, speedup_vs_sdpa=1.5,
-        skipped_tile_fraction=None, dense_mode=False, gbps=2000.0, peak_mem_mb=1.0,
+        dtype="bf16", shape=dict(SHAPE), variant="f_v=0.3", ms=0.5, sdpa_ms=0.75, sdpa_cudnn_ms=0.8, flex_ms=None,
+        floor_ms=0.25, speedup_vs_sdpa=1.5, skipped_tile_fraction=None, dense_mode=False, gbps=2000.0, peak_mem_mb=1.0,
     )  # fmt: skip
     fields[harness.KEPT_KEY[kind]] = 0.3
     fields.update(overrides)
@@ -62,6 +61,8 @@ def test_every_required_key_is_checked():
         (dict(dense_mode=1), "dense_mode"),
         (dict(shape={"B": 1}), "shape"),
         (dict(commit=None), "commit"),
+        (dict(variant=3), "variant"),
+        (dict(sdpa_cudnn_ms="0.1"), "sdpa_cudnn_ms"),
         (dict(extra=object()), "JSON"),
     ],
 )
@@ -132,6 +133,41 @@ def test_command_lines():
         bench_decode.parse_args(["--source", "nowhere"])
     with pytest.raises(SystemExit):
         bench_prefill.parse_args(["--structure", "window"])
+
+
+def test_first_run_command_lines():
+    args = bench_decode.parse_args(["--pairs", "16x32768,1x8192", "--no-calibrated", "--sdpa-backends", "flash,cudnn"])
+    assert args.pairs == ((16, 32768), (1, 8192)) and args.no_calibrated and args.sdpa_backends == ("flash", "cudnn")
+    args = bench_prefill.parse_args(["--shapes", "bf16:128:32:8:16384,fp16:64:16:16:4096", "--variants", "skip_dot"])
+    assert args.shapes == (("bf16", 128, 32, 8, 16384), ("fp16", 64, 16, 16, 4096)) and args.variants == ("skip_dot",)
+    assert bench_prefill.parse_args([]).variants == ("pipelined", "skip_dot", "skip_load")
+    for argv in (["--pairs", "16:32768"], ["--sdpa-backends", "fast"]):
+        with pytest.raises(SystemExit):
+            bench_decode.parse_args(argv)
+    for argv in (["--shapes", "bf16:128:32:8"], ["--shapes", "bf8:128:32:8:64"], ["--variants", "pipelined,fast"]):
+        with pytest.raises(SystemExit):
+            bench_prefill.parse_args(argv)
+
+
+def test_record_helpers():
+    assert harness.sdpa_fields({"flash": 1.0}) == {"sdpa_flash_ms": 1.0, "sdpa_efficient_ms": None,
+                                                   "sdpa_cudnn_ms": None, "sdpa_math_ms": None}  # fmt: skip
+    assert harness.number(torch.tensor(3, dtype=torch.int32)) == 3.0 and harness.number(None) is None
+    assert harness.number(float("nan")) is None
+
+
+def test_flex_shapes_alternate_between_files_in_measured_order():
+    import bench_flex
+
+    def rec(kind, lk, variant):
+        shape = {"B": 1, "Hq": 4, "Hkv": 2, "Lq": 1 if kind == "decode" else lk, "Lk": lk, "D": 64}
+        return _record(kind, shape=shape, variant=variant, **({"causal": True} if kind == "prefill" else {}))
+
+    decode = [rec("decode", 256, "dense"), rec("decode", 256, "f_v=0.3"), rec("decode", 128, "dense")]
+    prefill = [rec("prefill", 64, "dense"), rec("prefill", 64, "pipelined")]
+    order = bench_flex.ordered_shapes([decode, prefill])
+    assert [(i, key[0], key[6]) for i, key in order] == [(0, "decode", 256), (1, "prefill", 64), (0, "decode", 128)]
+    assert order[0][1][-1] is False and order[1][1][-1] is True  # decode is not causal, prefill is
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal to measure without CUDA")
@@ -253,11 +289,18 @@ def test_pytest_benchmark_file_is_gpu_marked_and_skips_without_cuda():
     assert skipif.args[0] is (not torch.cuda.is_available())
 
 
-def test_run_gpu_script_is_valid_bash():
-    script = BENCH_DIR / "run_gpu.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    text = script.read_text()
-    # The device tool returns at most eight files from $OUT: the script writes six.
-    wanted = ("results_$name.json", "plots.png", "summary.md", "log.txt", "--time-budget", "SPARSE_ATTENTION_COMMIT")
-    for name in wanted:
-        assert name in text
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path of the baselines")
+def test_a_backend_without_native_gqa_is_timed_on_expanded_kv(monkeypatch):
+    real = harness.sdpa_call
+
+    def picky(q, k, v, *, causal, backend):
+        if backend == "efficient" and q.shape[1] != k.shape[1]:
+            raise RuntimeError("no GQA here")
+        return real(q, k, v, causal=causal, backend="flash")
+
+    monkeypatch.setattr(harness, "sdpa_call", picky)
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    base = harness.attention_baselines([(q, k, v)], causal=True, flex=False, warmup_ms=1, rep_ms=1, graph=False,
+                                       backends=("flash", "efficient"))  # fmt: skip
+    assert set(base["sdpa_all_ms"]) == {"flash", "efficient"} and base["sdpa_expanded_kv"] == ["efficient"]
+    assert base["sdpa_errors"] == {"efficient (native GQA)": "RuntimeError: no GQA here"}

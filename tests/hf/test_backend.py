@@ -332,3 +332,94 @@ def test_models_without_attention_interface_are_refused():
             pass
     with pytest.raises(ValueError, match="does not route its attention through"):
         sa.calibrate(model, [torch.randint(0, 97, (1, 12))], k=2, progress=False)
+
+
+# ---- issue 13: checkpoints are validated by from_pretrained, naming the file and the field --------------------
+
+
+def _checkpoint(root, name, top_theta=None, **model_kwargs):
+    """A tiny GPT-2 checkpoint (4 layers, 4 heads unless told) whose config.json holds ``top_theta`` (when given)."""
+    import json
+
+    folder = root / name
+    tiny_gpt2(**{"n_layer": 4, **model_kwargs}).save_pretrained(folder)
+    if top_theta is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config["top_theta"] = top_theta
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _settings(layers=4, heads=4, model_type="gpt2", **settings):
+    th = sa.Thresholds(n_points=[1, 16], theta=torch.zeros(layers, heads, 2), k=4, model_type=model_type)
+    return sa.TopThetaSettings(th, **settings).to_dict()
+
+
+def _load(folder, impl="top_theta"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=impl)
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        (_settings(layers=6), "the thresholds are for 6 layers but the model has 4"),
+        (_settings(heads=1), "the thresholds are for 1 heads per layer but the model has 4"),
+        (_settings(model_type="llama"), "calibrated on a 'llama' model, not 'gpt2'"),
+    ],
+    ids=["6-layers-on-4", "1-head-on-4", "llama-on-gpt2"],
+)
+@pytest.mark.parametrize("impl", ["top_theta", "eager"])
+def test_from_pretrained_refuses_thresholds_for_another_model(tmp_path, settings, match, impl):
+    # D8: from_pretrained(..., attn_implementation="top_theta") accepted these silently: the model check ran only in
+    # configure. Eager loads are checked too: the CLI and collect_stats switch an eager model to top_theta later.
+    folder = _checkpoint(tmp_path, "ckpt", settings)
+    with pytest.raises(ValueError, match=match) as info:
+        _load(folder, impl)
+    assert f"{folder}/config.json: top_theta.thresholds" in str(info.value)
+
+
+def _malformed(change):
+    raw = _settings()
+    change(raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "raw,field",
+    [
+        (_malformed(lambda d: d["thresholds"].pop("k")), "the field 'k' is missing"),
+        (_malformed(lambda d: d.update(vmc="no")), "'vmc' must be true or false, got 'no'"),
+        (_malformed(lambda d: d["thresholds"].update(theta=[[["a", 0.0]] * 4] * 4)), "'theta' must hold numbers"),
+        (_malformed(lambda d: d["thresholds"].update(n_points=[1, 2**40])), "beyond the supported"),
+        (_malformed(lambda d: d.update(sdc="magic")), "'sdc' must be one of"),
+        ("exact", "top_theta: must be a dict, got str"),
+    ],
+    ids=["missing-k", "vmc-no", "theta-str", "huge-table", "sdc", "not-a-dict"],
+)
+def test_from_pretrained_refuses_a_malformed_top_theta(tmp_path, raw, field):
+    # D9: a malformed config.top_theta loaded and failed only at the first forward (KeyError: 'k', TypeError: new():
+    # invalid data type 'str'); "vmc": "no" was read as True.
+    folder = _checkpoint(tmp_path, "ckpt", raw)
+    with pytest.raises(ValueError, match=field) as info:
+        _load(folder)
+    assert str(info.value).startswith(f"{folder}/config.json: top_theta")
+
+
+def test_from_pretrained_leaves_other_checkpoints_alone(tmp_path):
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    plain = _checkpoint(tmp_path, "plain")
+    reference = _load(plain, "eager").eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    dense = _load(plain).eval()  # no top_theta: exact dense attention
+    assert dense.config._attn_implementation == "top_theta" and getattr(dense.config, "top_theta", None) is None
+    configured = _checkpoint(tmp_path, "configured", _settings(sdc="threshold", vmc=True))
+    eager = _load(configured, "eager").eval()  # a valid configuration, loaded with eager: eager, settings kept
+    assert eager.config._attn_implementation == "eager"
+    assert sa.TopThetaSettings.from_dict(eager.config.top_theta).vmc is True
+    with torch.no_grad():
+        assert torch.allclose(dense(input_ids=ids).logits, expected, atol=1e-5)
+        assert torch.equal(eager(input_ids=ids).logits, expected)
+    assert sa.thresholds_of(_load(configured)).k == 4

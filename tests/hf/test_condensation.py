@@ -263,20 +263,9 @@ def test_model_must_be_a_module():
 
 def test_trainer_compute_loss_recipe(tmp_path):
     pytest.importorskip("accelerate")
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    class CondensationTrainer(Trainer):  # the recipe of the condensation module docstring
-        def __init__(self, *args, condensation, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.condensation = condensation
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            reg = self.condensation
-            loss = loss + reg.lam_at(self.state.global_step) * reg.loss
-            return (loss, outputs) if return_outputs else loss
+    from sparse_attention import CondensationTrainer
 
     model = tiny_gpt2()
     gen = torch.Generator().manual_seed(0)

@@ -312,3 +312,35 @@ def test_nan_in_reaches_the_rows_it_touches():
     q_nan[0, 1, 2] = float("nan")
     out = reference.top_theta_attention(q_nan, k, v, 0.0)
     assert out[0, 1, 2].isnan().all() and not out[0, 0].isnan().any()
+
+
+@pytest.mark.parametrize("sinks", [None, 0.5], ids=["nosink", "sink"])
+@pytest.mark.parametrize("vmc", [False, True], ids=["novmc", "vmc"])
+def test_no_compensation_at_sdc_scale_zero_even_for_infinite_thresholds(sinks, vmc):
+    # Found by tests/ops/test_properties.py: sdc="threshold", sdc_scale=0 and θ = +inf gave 0 · ∞ = NaN rows; a
+    # scale of 0 means no compensation at all, the denominator of sdc="none".
+    q, k, v = make_qkv(1, 2, 1, 3, 6, 16)
+    sinks = None if sinks is None else torch.full((2,), sinks)
+    kw = dict(vmc=vmc, sinks=sinks)
+    out = reference.top_theta_attention(q, k, v, float("inf"), sdc="threshold", sdc_scale=0.0, **kw)
+    none = reference.top_theta_attention(q, k, v, float("inf"), sdc="none", **kw)
+    assert not out.isnan().any()
+    assert torch.equal(out, none)
+    out64, _, _, _ = oracle_top_theta(q, k, v, float("inf"), sdc="threshold", sdc_scale=0.0, **kw)
+    assert_close_to_oracle(out, out64, q, k, v)
+
+
+@pytest.mark.parametrize("sdc", ["none", "calibrated"])
+def test_a_nan_input_makes_a_row_nan_even_when_it_keeps_nothing(sdc):
+    # Found by tests/ops/test_properties.py: with sdc "none" (or "calibrated") a pruned row that keeps nothing has a
+    # denominator without the NaN score, and came out as finite zeros instead of NaN.
+    q, k, v = make_qkv(1, 1, 1, 4, 4, 16)
+    table = torch.ones(1, 4) if sdc == "calibrated" else None
+    k_nan = k.clone()
+    k_nan[0, 0, 1] = float("nan")
+    out = reference.top_theta_attention(q, k_nan, v, float("inf"), sdc=sdc, sdc_table=table)
+    assert out.isnan().all(-1)[0, 0].tolist() == [False, True, True, True]  # causal: rows 1.. see key 1
+    q_nan = q.clone()
+    q_nan[0, 0, 2, 5] = float("nan")
+    out = reference.top_theta_attention(q_nan, k, v, float("inf"), sdc=sdc, sdc_table=table)
+    assert out.isnan().all(-1)[0, 0].tolist() == [False, False, True, False]

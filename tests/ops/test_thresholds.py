@@ -105,6 +105,23 @@ def test_construction_errors(kw, match):
         _th(**kw)
 
 
+def test_load_refuses_a_file_with_a_bad_sdc_table(tmp_path):
+    # D5: thresholds files with negative (or infinite) sdc tables were accepted, and amplified the output.
+    import json
+
+    from safetensors.torch import save_file
+
+    good = _th(sdc_table=torch.rand(1, 2, 3))
+    meta = {k: v for k, v in good.to_dict().items() if k not in ("n_points", "theta", "sdc_table")}
+    for bad, match in ((-torch.ones(1, 2, 3), ">= 0"), (torch.full((1, 2, 3), -float("inf")), "finite")):
+        path = tmp_path / "crafted.safetensors"
+        tensors = {"n_points": good.n_points, "theta": good.theta, "sdc_table": bad}
+        save_file(tensors, str(path), metadata={"top_theta": json.dumps(meta)})
+        with pytest.raises(ValueError, match=f"{path}: 'sdc_table' must be finite and >= 0") as info:
+            Thresholds.load(path)
+        assert match in str(info.value)
+
+
 def test_check_model():
     class Cfg:
         num_hidden_layers, num_attention_heads, model_type = 1, 2, "gpt2"
@@ -191,7 +208,7 @@ def test_save_refuses_files_it_did_not_write(tmp_path):
     # D13: calibrate --out X used to overwrite whatever X was.
     other = tmp_path / "notes.txt"
     other.write_text("precious")
-    with pytest.raises(ValueError, match="not a thresholds written by sparse_attention"):
+    with pytest.raises(ValueError, match="not a thresholds file written by sparse_attention"):
         _th().save(other)
     assert other.read_text() == "precious"
     _th().save(other, overwrite=True)

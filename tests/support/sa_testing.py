@@ -121,7 +121,8 @@ def oracle_top_theta(
                         miss = dropped * math.exp(th - m) if dropped else 0.0
                     else:
                         miss = float(c_table[h, min(n, c_table.shape[1]) - 1])
-                    denom = d_kept + sdc_scale * miss if miss else d_kept
+                    # sdc_scale = 0 is no compensation, also against an infinite term (0 · ∞ = 0)
+                    denom = d_kept + sdc_scale * miss if miss and sdc_scale else d_kept
                 kept[b, h, i] = len(keep)
                 mass = 0.0
                 if denom > 0 and not math.isinf(denom):
