@@ -27,6 +27,8 @@ from pathlib import Path
 from . import data
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "condensed"
+# The default model's tokenizer, which the condensed model shares.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -194,8 +196,12 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
     )  # fmt: skip
 
 
-def save_checkpoint(out: Path, model, tokenizer, facts: dict, history, overwrite: bool = False) -> Path:
-    """Write model, tokenizer, ``train_log.json`` and ``MODEL_CARD.md`` as one folder (atomic swap)."""
+def save_checkpoint(out: Path, model, tokenizer_dir: Path, facts: dict, history, overwrite: bool = False) -> Path:
+    """Write the model, the tokenizer files of ``tokenizer_dir``, ``train_log.json`` and ``MODEL_CARD.md`` as one
+    folder (atomic swap). The tokenizer files are copied, not saved again: another transformers version would write
+    other bytes for the same tokenizer."""
+    import shutil
+
     from ..ops.files import check_target, write_folder
 
     def ours(path: Path) -> bool:
@@ -205,7 +211,8 @@ def save_checkpoint(out: Path, model, tokenizer, facts: dict, history, overwrite
 
     def write(folder: Path) -> None:
         model.to("cpu").save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(tokenizer_dir / name, folder / name)
         log = {**facts, "steps": [s.to_dict() for s in history]}
         (folder / "train_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
         write_model_card(folder, facts)
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_topk_mass": heldout_topk_mass(model, mass_windows, recipe.k, recipe.dense_layers),
         "original_heldout_topk_mass": original_mass,
     }
-    path = save_checkpoint(args.out, model, tokenizer, facts, history, overwrite=True)
+    path = save_checkpoint(args.out, model, DEFAULT_MODEL_DIR, facts, history, overwrite=True)
     print(json.dumps({k: facts[k] for k in ("train_seconds", "heldout_ppl", "original_heldout_ppl",
                                             "heldout_topk_mass", "original_heldout_topk_mass")}))  # fmt: skip
     print(f"wrote {path}")
