@@ -765,7 +765,11 @@ def cmd_sweep(args) -> int:
         settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
         done = previous.get("records", [])
         earlier_seconds = float(previous.get("wall_seconds", 0.0))
-        invocations = previous.get("invocations", [])
+        # A file written before invocations were recorded: its one call is the file's own provenance.
+        invocations = previous.get("invocations") or [
+            {key: previous.get(key) for key in ("command", "commit", "torch_threads")}
+            | {"wall_seconds": earlier_seconds, "records_measured": len(done)}
+        ]
     meta = {
         "kind": SWEEP_KIND,
         **provenance(["sparse-attention", *args.argv]),
@@ -790,7 +794,8 @@ def cmd_sweep(args) -> int:
     )  # fmt: skip
     write(records)
     print(format_sweep(records))
-    title = f"{', '.join(models)} — {heldout.shape[0]} held-out windows of {seq_len} tokens"
+    shown = dict.fromkeys(r["checkpoint"] for r in records)  # resumed records' checkpoints too
+    title = f"{', '.join(shown)} — {heldout.shape[0]} held-out windows of {seq_len} tokens"
     drawn = plot_sweep(records, png, title=title)
     print(f"wrote {out}" + (f" and {png}" if drawn else " (install matplotlib for the plot)"))
     return 0
@@ -894,7 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a condensed checkpoint to compare with (default without --model: the shipped one)",
     )
     p.add_argument("--no-condensed", action="store_true", help="show the first model alone")
-    p.set_defaults(func=cmd_demo, k_default=[8, 16, 32])
+    p.set_defaults(func=cmd_demo, k_default=[2, 8, 32])
     p = sub.add_parser("calibrate", parents=[common, calib, infer], help="calibrate and save thresholds")
     p.add_argument("--out", default="thresholds.safetensors", help="thresholds file to write")
     p.add_argument("--save-model", default=None, help="also save a configured checkpoint to this folder")
