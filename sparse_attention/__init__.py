@@ -22,19 +22,23 @@ from .ops.regularizer import RegularizerTerms, regularizer_terms, topk_regulariz
 from .ops.thresholds import Thresholds, TopThetaSettings
 from .recipes.data import batches, load_texts, stdlib_texts, token_windows
 from .recipes.default_model import (
+    CONDENSED_MODEL_DIR,
     DEFAULT_MODEL_DIR,
+    load_condensed_model,
     load_default_model,
     load_default_tokenizer,
     load_model,
     load_model_and_tokenizer,
 )
-from .recipes.training import StepLog, finetune
+from .recipes.sweep import sweep
+from .recipes.training import StepLog, distillation_loss, finetune
 
 ensure_registered()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONDENSED_MODEL_DIR",
     "DEFAULT_MODEL_DIR",
     "AttentionStats",
     "Condensation",
@@ -51,7 +55,9 @@ __all__ = [
     "collect_stats",
     "condensation",
     "configure",
+    "distillation_loss",
     "finetune",
+    "load_condensed_model",
     "load_default_model",
     "load_default_tokenizer",
     "load_model",
@@ -60,6 +66,7 @@ __all__ = [
     "regularizer_terms",
     "shard",
     "stdlib_texts",
+    "sweep",
     "thresholds_of",
     "token_windows",
     "top_theta_attention",

@@ -95,6 +95,29 @@ def test_calibrate_then_evaluate(tiny_model_dir, text_dir, tmp_path, capsys):
     assert top["sdc"] == "threshold" and top["vmc"] is False
 
 
+def test_calibrate_takes_per_layer_k_and_the_checkpoint_settings(tiny_model_dir, text_dir, tmp_path, capsys):
+    from sparse_attention import Thresholds
+
+    th, ckpt = tmp_path / "th.safetensors", tmp_path / "configured"
+    args = ["--model", str(tiny_model_dir), "--text", str(text_dir), *CALIB, "--k", "6", "--layer-k", "2:3"]
+    assert (
+        main(["calibrate", *args, "--out", str(th), "--save-model", str(ckpt), "--sdc-scale", "0.5", "--cap", "4"]) == 0
+    )
+    assert "k=per layer [6, 6, 3]" in capsys.readouterr().out
+    loaded = Thresholds.load(th)
+    assert [loaded.k_of(i) for i in range(3)] == [6, 6, 3]
+    settings = json.loads((ckpt / "config.json").read_text())["top_theta"]
+    assert settings["sdc_scale"] == 0.5 and settings["cap"] == 4 and settings["thresholds"]["k"] == [6, 6, 3]
+    # evaluate overrides the checkpoint's cap alone; its other settings stay.
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(ckpt), "--text", str(text_dir), "--out", str(out), "--cap", "2", *EVAL]
+    assert main(argv) == 0
+    top = json.loads((out / "report.json").read_text())["records"][1]
+    assert top["cap"] == 2 and top["sdc_scale"] == 0.5
+    assert main(["calibrate", *args[:-2], "--layer-k", "3:4", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--layer-k 3:... is out of range: the model has layers 0..2" in _error_line(capsys)
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -164,9 +187,11 @@ def test_default_model_demo_runs_offline(tmp_path):
 def test_train_saves_a_checkpoint_and_log(tiny_model_dir, text_dir, tmp_path, capsys):
     out = tmp_path / "trained"
     argv = ["train", "--model", str(tiny_model_dir), "--text", str(text_dir), "--k", "4", "--steps", "4"]
-    assert main([*argv, "--seq-len", "32", "--batch-size", "2", "--lam", "0.5", "--out", str(out), "--quiet"]) == 0
+    assert main([*argv, "--seq-len", "32", "--batch-size", "2", "--lam", "0.5", "--distill", "0.5", "--out", str(out),
+                 "--quiet"]) == 0  # fmt: skip
     log = json.loads((out / "train_log.json").read_text())
     assert [s["step"] for s in log["steps"]] == [0, 1, 2, 3]
+    assert log["distill"] == 0.5 and all(s["kl"] >= 0.0 for s in log["steps"])
     assert all(0.0 < s["topk_mass"] <= 1.0 and s["lm_loss"] > 0 for s in log["steps"])
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "wrote the fine-tuned checkpoint" in capsys.readouterr().out
@@ -241,6 +266,19 @@ ARG_ERRORS = [
     (["demo", "--device", "mps"], "only cpu and cuda devices are supported"),
     (["calibrate", "--k", "4,8"], "calibrate takes one --k, got 4,8"),
     (["calibrate", "--sdc", "none"], "--sdc only applies to the checkpoint written by --save-model"),
+    (["calibrate", "--cap", "3"], "--cap only applies to the checkpoint written by --save-model"),
+    (["calibrate", "--sdc-scale", "0.5", "--backend", "reference"], "--sdc-scale and --backend only apply"),
+    (["calibrate", "--sdc-scale", "-1"], "argument --sdc-scale: must be >= 0.0"),
+    (["calibrate", "--cap", "0"], "argument --cap: must be >= 1"),
+    (["calibrate", "--layer-k", "2"], "--layer-k takes LAYER:K pairs separated by commas, got '2'"),
+    (["calibrate", "--layer-k", "2:0"], "--layer-k needs LAYER >= 0 and K >= 1 in each LAYER:K, got '2:0'"),
+    (["calibrate", "--layer-k", "1:4,1:8"], "--layer-k gives layer 1 twice"),
+    (["demo", "--layer-k", "1:4"], "unrecognized arguments: --layer-k 1:4"),  # demo sweeps --k
+    (["demo", "--condensed", "x", "--no-condensed"], "--condensed and --no-condensed contradict each other"),
+    (["train", "--distill", "1.5"], "argument --distill: must be <= 1.0"),
+    (["sweep", "--out", "fronts.txt"], "--out must name a .json file"),
+    (["sweep", "--text", "a.txt", "--eval-corpus", "prose"], "--text replaces the built-in corpora"),
+    (["sweep", "--threads", "0"], "argument --threads: must be >= 1"),
     (["train", "--steps", "0"], "argument --steps: must be >= 1"),
     (["train", "--lr", "nan"], "argument --lr: must be a finite number"),
     (["train", "--lr", "0"], "argument --lr: must be > 0"),
@@ -417,7 +455,7 @@ def test_a_failed_report_write_leaves_the_old_report(error, code, tiny_model_dir
     (out / "report.json").write_text(json.dumps({"command": "sparse-attention demo", "records": ["old"]}))
     before = _tree(out)
 
-    def fail(records, path):
+    def fail(records, path, title=None):
         Path(path).write_bytes(b"half a png")
         raise error
 

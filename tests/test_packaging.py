@@ -69,3 +69,5 @@ def test_wheel_contents(tmp_path):
     assert "sparse_attention/assets/default/config.json" in names
     assert "sparse_attention/assets/default/model.safetensors" in names
     assert "sparse_attention/assets/default/tokenizer.json" in names
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md", "train_log.json"):
+        assert f"sparse_attention/assets/condensed/{name}" in names, name

@@ -23,7 +23,9 @@ __all__ = [
     "SPLIT_FRACTIONS",
     "TEXT_SUFFIXES",
     "batches",
+    "PROSE_SPLITS",
     "load_texts",
+    "prose_texts",
     "read_texts",
     "split_of",
     "stdlib_files",
@@ -222,6 +224,36 @@ def load_texts(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 def stdlib_texts(split: str | None = None) -> list[str]:
     """The text of the standard library modules of one split (see :func:`stdlib_files`), in a stable order."""
     return read_texts(stdlib_files(split))
+
+
+PROSE_SPLITS: tuple[str, ...] = ("calibration", "heldout")
+"""Names accepted by :func:`prose_texts`."""
+
+
+def prose_texts(split: str) -> list[str]:
+    """English prose that every interpreter ships: the topics of the Python documentation in ``pydoc_data``.
+
+    ``pydoc_data.topics.topics`` maps topic names (``"assert"``, ``"lambda"``, ...) to the text of that section of
+    the language reference, as ``help()`` shows it. It is left out of the code corpus (:func:`stdlib_files`), so it
+    is a second domain for cross-domain calibration. Topics are split by a SHA-1 of their name, half to
+    ``"calibration"`` and half to ``"heldout"``, and returned sorted by name: the same texts on every machine.
+
+    Raises:
+        ValueError: an unknown split, or an interpreter without ``pydoc_data`` (a stripped install).
+    """
+    if split not in PROSE_SPLITS:
+        raise ValueError(f"unknown prose split {split!r}; expected one of {', '.join(PROSE_SPLITS)}")
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise ValueError("this Python has no pydoc_data (the documentation topics): no prose corpus") from None
+    names = sorted(topics)
+    chosen = [
+        name
+        for name in names
+        if (int(hashlib.sha1(name.encode("utf-8")).hexdigest(), 16) % 2 == 0) == (split == "calibration")
+    ]
+    return [topics[name] for name in chosen if topics[name].strip()]
 
 
 def token_stream(tokenizer, texts: Sequence[str]) -> torch.Tensor:

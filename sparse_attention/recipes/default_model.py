@@ -5,6 +5,11 @@ standard library by :mod:`sparse_attention.recipes.pretrain`. Its weights and to
 under :data:`DEFAULT_MODEL_DIR`, so it loads with no network access; its ``MODEL_CARD.md`` (in the same
 folder) records how it was trained and its held-out perplexity.
 
+Beside it ships the condensed model, :data:`CONDENSED_MODEL_DIR`: the default model fine-tuned with the
+attention-condensation regularizer and distillation to the default model
+(:mod:`sparse_attention.recipes.condense`), so that Top-θ prunes it harder for the same perplexity. Its
+``MODEL_CARD.md`` records the recipe.
+
 ``transformers`` is imported inside the functions, so importing this module stays cheap.
 """
 
@@ -20,7 +25,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "CONDENSED_MODEL_DIR",
     "DEFAULT_MODEL_DIR",
+    "load_condensed_model",
     "load_default_model",
     "load_default_tokenizer",
     "load_model_and_tokenizer",
@@ -30,6 +37,9 @@ __all__ = [
 
 DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "default"
 """Directory of the shipped checkpoint: ``config.json``, ``model.safetensors``, ``tokenizer.json``, ... ."""
+
+CONDENSED_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "condensed"
+"""Directory of the shipped condensed checkpoint (same files and tokenizer as :data:`DEFAULT_MODEL_DIR`)."""
 
 
 def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[str, bool]:
@@ -156,6 +166,15 @@ def _default_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def _condensed_dir() -> Path:
+    if not (CONDENSED_MODEL_DIR / "config.json").is_file():
+        raise ValueError(
+            f"the condensed model is missing from {CONDENSED_MODEL_DIR}; the package was installed without its "
+            "package data (reinstall it, or run python -m sparse_attention.recipes.condense)"
+        )
+    return CONDENSED_MODEL_DIR
+
+
 def load_default_model(
     attn_implementation: str = "eager",
     dtype: torch.dtype = torch.float32,
@@ -187,3 +206,19 @@ def load_default_tokenizer() -> PreTrainedTokenizerBase:
         ValueError: the package data is missing.
     """
     return load_tokenizer(_default_dir())
+
+
+def load_condensed_model(
+    attn_implementation: str = "eager",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """Load the shipped condensed GPT-2 from :data:`CONDENSED_MODEL_DIR`, in eval mode, with no network access.
+
+    The default model after a condensation fine-tune (its ``MODEL_CARD.md`` gives the recipe); same architecture and
+    tokenizer (:func:`load_default_tokenizer`). Arguments as :func:`load_default_model`.
+
+    Raises:
+        ValueError: the package data is missing.
+    """
+    return load_model(_condensed_dir(), attn_implementation=attn_implementation, dtype=dtype, device=device)

@@ -74,6 +74,8 @@ def compare(
     ks: Sequence[int] = (8, 16, 32),
     placement: str = "pre",
     sdc: str = "exact",
+    sdc_scale: float = 1.0,
+    cap: int | None = None,
     vmc: bool = False,
     sigma: float = DEFAULT_SIGMA,
     dense_layers: Sequence[int] = DEFAULT_DENSE_LAYERS,
@@ -86,7 +88,7 @@ def compare(
     thresholds: dict[int, Thresholds] | None = None,
 ) -> list[dict]:
     """Dense, exact top-k and Top-θ (calibrated on ``calibration`` windows, with the ``vmc`` it runs with) for each
-    k, measured on ``heldout``; ``backend`` runs the Top-θ attention.
+    k, measured on ``heldout``; ``backend`` runs the Top-θ attention with ``sdc``, ``sdc_scale``, ``cap`` and ``vmc``.
 
     Returns one record per (method, k). The model's own Top-θ configuration is restored afterwards.
     """
@@ -114,9 +116,10 @@ def compare(
                     model, calib_batches, k=k, placement=placement, sigma=sigma, dense_layers=dense_layers,
                     vmc=vmc, progress=False,
                 )  # fmt: skip
-            configure(model, th, sdc=sdc, vmc=vmc, backend=backend)
+            configure(model, th, sdc=sdc, sdc_scale=sdc_scale, cap=cap, vmc=vmc, backend=backend)
             rec = measure(model, heldout, k=k, prompts=prompts, new_tokens=new_tokens, batch_size=batch_size)
-            records.append({"method": "top-theta", "k": k, "placement": placement, "sdc": sdc, "vmc": vmc, **rec})
+            settings = {"placement": placement, "sdc": sdc, "sdc_scale": sdc_scale, "cap": cap, "vmc": vmc}
+            records.append({"method": "top-theta", "k": k, **settings, **rec})
             steps.update()
     finally:
         steps.close()
@@ -142,5 +145,5 @@ def evaluate_configured(model, heldout: torch.Tensor, *, prompt_len=64, new_toke
     return [
         {"method": "dense", "k": None, **dense},
         {"method": "top-theta", "k": k, "placement": settings.thresholds.placement, "sdc": settings.sdc,
-         "vmc": settings.vmc, **rec},
+         "sdc_scale": settings.sdc_scale, "cap": settings.cap, "vmc": settings.vmc, **rec},
     ]  # fmt: skip

@@ -62,17 +62,20 @@ def provenance(command: list[str] | None = None) -> dict:
 
 
 def format_table(records: list[dict]) -> str:
-    """A fixed-width text table of the records."""
+    """A fixed-width text table of the records (with a checkpoint column when they name more than one)."""
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
+    several = len({r.get("checkpoint") for r in records}) > 1
     names = ("kept", "kept*", "keptV", "keptV*", "kept/k")
-    header = f"{'method':<10} {'k':>4} {'ppl':>9} {'acc':>7} " + " ".join(f"{n:>7}" for n in names)
+    header = (f"{'checkpoint':<11} " if several else "") + f"{'method':<10} {'k':>4} {'ppl':>9} {'acc':>7} "
+    header += " ".join(f"{n:>7}" for n in names)
     lines = [header, "-" * len(header)]
     for r in records:
         lines.append(
-            f"{r['method']:<10} {fmt(r['k'], 'd'):>4} {r['perplexity']:>9.3f} {r['accuracy']:>7.4f} "
+            (f"{r.get('checkpoint') or '-':<11} " if several else "")
+            + f"{r['method']:<10} {fmt(r['k'], 'd'):>4} {r['perplexity']:>9.3f} {r['accuracy']:>7.4f} "
             f"{fmt(r['kept_fraction'], '.4f'):>7} {fmt(r['kept_fraction_pruned_layers'], '.4f'):>7} "
             f"{fmt(r['kept_v_fraction'], '.4f'):>7} {fmt(r['kept_v_fraction_pruned_layers'], '.4f'):>7} "
             f"{fmt(r['kept_per_k'], '.3f'):>7}"
@@ -84,9 +87,9 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path) -> bool:
-    """Draw perplexity against kept fraction (PNG, written atomically). Returns False when matplotlib is not
-    installed."""
+def plot(records: list[dict], path, title: str | None = None) -> bool:
+    """Draw perplexity against kept fraction (PNG): one curve per (checkpoint, method), each checkpoint's dense
+    perplexity as a line; written atomically. Returns False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -94,20 +97,32 @@ def plot(records: list[dict], path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    dense = [r for r in records if r["method"] == "dense"]
-    for method, marker in (("top-k", "s"), ("top-theta", "o")):
-        rs = [r for r in records if r["method"] == method]
-        if rs:
-            xs = [r["kept_fraction_pruned_layers"] for r in rs]
-            ax.plot(xs, [r["perplexity"] for r in rs], marker=marker, label=method)
-            for r, x in zip(rs, xs, strict=True):
-                ax.annotate(f"k={r['k']}", (x, r["perplexity"]), textcoords="offset points", xytext=(4, 4))
-    if dense:
-        ax.axhline(dense[0]["perplexity"], color="gray", linestyle="--", label="dense")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    checkpoints = list(dict.fromkeys(r.get("checkpoint") for r in records))
+    styles, colors = ("-", "--", ":", "-."), plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ci, name in enumerate(checkpoints):
+        mine = [r for r in records if r.get("checkpoint") == name]
+        prefix = f"{name}: " if name is not None else ""
+        for mi, (method, marker) in enumerate((("top-k", "s"), ("top-theta", "o"))):
+            rs = [r for r in mine if r["method"] == method]
+            if rs:
+                xs = [r["kept_fraction_pruned_layers"] for r in rs]
+                ax.plot(xs, [r["perplexity"] for r in rs], marker=marker, linestyle=styles[ci % len(styles)],
+                        color=colors[mi], label=prefix + method)  # fmt: skip
+                for r, x in zip(rs, xs, strict=True):
+                    ax.annotate(f"k={r['k']}", (x, r["perplexity"]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)  # fmt: skip
+        dense = [r for r in mine if r["method"] == "dense"]
+        if dense:
+            ax.axhline(dense[0]["perplexity"], color="gray", linestyle=styles[ci % len(styles)],
+                       label=prefix + "dense")  # fmt: skip
     ax.set_xlabel("kept attention-element fraction (pruned layers)")
     ax.set_ylabel("held-out perplexity")
-    ax.legend()
+    if title:
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     try:
         write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

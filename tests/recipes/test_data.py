@@ -105,3 +105,20 @@ def test_load_texts_errors(tmp_path):
     (tmp_path / "binary.py").write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(ValueError, match="not UTF-8"):
         corpus.load_texts(tmp_path / "binary.py")
+
+
+def test_prose_splits_are_disjoint_stable_halves_of_the_documentation_topics():
+    from pydoc_data.topics import topics
+
+    calibration, heldout = corpus.prose_texts("calibration"), corpus.prose_texts("heldout")
+    assert calibration and heldout
+    assert not set(calibration) & set(heldout)
+    assert sorted(calibration + heldout) == sorted(t for t in topics.values() if t.strip())
+    # Half and half by name hash, give or take a few topics.
+    assert abs(len(calibration) - len(heldout)) < 0.3 * len(topics)
+    assert corpus.prose_texts("heldout") == heldout
+    # English prose, not code: mostly letters and spaces.
+    text = "".join(heldout)
+    assert sum(c.isalpha() or c.isspace() for c in text) > 0.85 * len(text)
+    with pytest.raises(ValueError, match="unknown prose split 'train'"):
+        corpus.prose_texts("train")

@@ -139,3 +139,39 @@ def test_load_model_and_tokenizer_errors(tmp_path):
         load_model_and_tokenizer(file)
     with pytest.raises(ValueError, match="empty"):
         load_model_and_tokenizer("")
+
+
+def test_condensed_model_ships_beside_the_default_and_is_condensed(model, tokenizer):
+    from sparse_attention import condensation
+    from sparse_attention.recipes.default_model import CONDENSED_MODEL_DIR, load_condensed_model
+
+    for name in (*ASSET_FILES, "train_log.json"):
+        assert (CONDENSED_MODEL_DIR / name).is_file(), name
+    total = sum(path.stat().st_size for path in CONDENSED_MODEL_DIR.iterdir() if path.is_file())
+    assert total < 20 * 1024 * 1024
+    condensed = load_condensed_model()
+    assert not condensed.training
+    assert condensed.config.to_diff_dict() | {"_name_or_path": None} == model.config.to_diff_dict() | {
+        "_name_or_path": None
+    }
+    # Same tokenizer files, other weights.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (CONDENSED_MODEL_DIR / name).read_bytes() == (DEFAULT_MODEL_DIR / name).read_bytes(), name
+    assert any(not torch.equal(a, b) for a, b in zip(condensed.parameters(), model.parameters(), strict=True))
+    # The card states the recipe of the training log and a held-out perplexity.
+    log = __import__("json").loads((CONDENSED_MODEL_DIR / "train_log.json").read_text())
+    card = (CONDENSED_MODEL_DIR / "MODEL_CARD.md").read_text(encoding="utf-8")
+    recipe = log["recipe"]
+    assert f"k = {recipe['k']}, λ = {recipe['lam']}" in card and f"α = {recipe['distill']}" in card
+    assert len(log["steps"]) == recipe["steps"]
+    assert float(re.search(r"Held-out perplexity \(dense attention\): ([0-9.]+)", card).group(1)) > 1.0
+    # Its attention is condensed: the regularized layers put more mass on their top k keys than the default model's.
+    ids = corpus.token_windows(tokenizer, corpus.stdlib_texts("heldout"), 128, 2)
+    masses = []
+    for m in (model, condensed):
+        m.train()
+        with condensation(m, k=recipe["k"], lam=0.0, dense_layers=recipe["dense_layers"]) as reg, torch.no_grad():
+            m(input_ids=ids)
+            masses.append(reg.topk_mass)
+        m.eval()
+    assert masses[1] > masses[0] + 0.1, masses

@@ -75,6 +75,18 @@ def test_finetune_under_ddp_equals_one_process(ranks):
     assert moved > 20 * WEIGHT["atol"], moved
 
 
+def test_finetune_with_distillation_under_ddp_equals_one_process(ranks):
+    single = ranks[0]["single_finetune_distill"]
+    fields = ("lm_loss", "kl", "reg_loss", "topk_mass", "lam")
+    want = torch.tensor([[step[f] for f in fields] for step in single["history"]], dtype=torch.float64)
+    assert want[1:, 1].min() > 0  # the student left the teacher: the KL term is live after the first step
+    for rank in ranks:
+        history = rank["finetune_distill"]["history"]
+        got = torch.tensor([[step[f] for f in fields] for step in history], dtype=torch.float64)
+        torch.testing.assert_close(got, want, **LOSS)
+        assert_tensors_close(rank["finetune_distill"]["weights"], single["weights"], **WEIGHT)
+
+
 def test_finetune_refuses_fewer_windows_than_processes(ranks):
     assert ranks[0]["one_window_for_two"] == "batch_size=1 windows per step cannot be shared out to 2 processes"
 

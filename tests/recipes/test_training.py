@@ -8,10 +8,19 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sparse_attention.recipes.training import StepLog, finetune
+from sparse_attention.recipes.training import StepLog, distillation_loss, finetune
 
 VOCAB = 64
 K = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: their ops are too small for intra-op threads, which on a shared machine only slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_gpt2(seed=0):
@@ -148,3 +157,86 @@ def test_bad_arguments(data, kwargs, pattern):
     args = {"seq_len": 16, "steps": 1, "progress": False} | kwargs
     with pytest.raises(ValueError, match=pattern):
         finetune(tiny_gpt2(), None, data, **args)
+
+
+def test_distillation_loss_is_the_kl_divergence():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 7, generator=gen), torch.randn(2, 3, 7, generator=gen) * 2
+    got = distillation_loss(student, teacher)
+    # Written out in float64, position by position: Σ_v p_t(v) (log p_t(v) - log p_s(v)).
+    total = 0.0
+    for row_s, row_t in zip(student.double().reshape(-1, 7), teacher.double().reshape(-1, 7), strict=True):
+        p_t = [math.exp(x) for x in row_t.tolist()]
+        z_t, z_s = sum(p_t), sum(math.exp(x) for x in row_s.tolist())
+        total += sum(
+            (p / z_t) * (math.log(p / z_t) - (s - math.log(z_s))) for p, s in zip(p_t, row_s.tolist(), strict=True)
+        )
+    assert got.item() == pytest.approx(total / 6, rel=1e-5)
+    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(student.float(), teacher).dtype == torch.float32
+    with pytest.raises(ValueError, match="differ in shape"):
+        distillation_loss(student, teacher[..., :5])
+
+
+def test_distillation_gradient_flows_into_the_student_only():
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(4, 9, generator=gen, requires_grad=True)
+    teacher = torch.randn(4, 9, generator=gen, requires_grad=True)
+    distillation_loss(student, teacher).backward()
+    assert teacher.grad is None
+    # d KL / d student logits = (p_s - p_t) / positions.
+    want = (torch.softmax(student, -1) - torch.softmax(teacher, -1)).detach() / 4
+    torch.testing.assert_close(student.grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_finetune_distills_the_teacher_and_leaves_it_untouched(stream):
+    model, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    history = finetune(
+        model, None, stream, k=K, lam=0.0, steps=25, lr=3e-3, batch_size=8, seq_len=32, dense_layers=(),
+        backend="reference", progress=False, distill=1.0, teacher=teacher,
+    )  # fmt: skip
+    # The student moves towards the teacher: the KL falls by more than half ...
+    first, last = history[0].kl, sum(s.kl for s in history[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    # ... and the teacher neither changes nor collects gradients.
+    for name, p in teacher.named_parameters():
+        assert torch.equal(p, before[name]), name
+        assert p.grad is None and not p.requires_grad, name
+    assert not teacher.training
+    # The logged KL is the distillation term of the teacher's logits on the same kind of windows.
+    windows = stream[:256].view(8, 32)
+    with torch.no_grad():
+        direct = distillation_loss(model(input_ids=windows).logits[:, :-1], teacher(input_ids=windows).logits[:, :-1])
+    assert direct.item() == pytest.approx(last, rel=0.5)
+
+
+def test_default_teacher_is_the_model_before_training(stream):
+    model = tiny_gpt2(seed=0)
+    history = finetune(
+        model, None, stream, k=K, lam=0.5, steps=3, lr=1e-3, batch_size=4, seq_len=32, dense_layers=(),
+        backend="reference", progress=False, distill=0.5,
+    )  # fmt: skip
+    # The first step's student is the teacher itself: KL zero up to rounding (different attention code paths).
+    assert history[0].kl == pytest.approx(0.0, abs=1e-6)
+    assert all(s.kl is not None and s.kl >= 0 for s in history) and history[-1].kl > history[0].kl
+    plain = finetune(tiny_gpt2(), None, stream, k=K, lam=0.0, steps=1, seq_len=32, progress=False, dense_layers=())
+    assert plain[0].kl is None and "kl" not in str(plain[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"distill": 1.5}, r"distill must be a number in \[0, 1\]"),
+        ({"distill": -0.1}, r"distill must be a number in \[0, 1\]"),
+        ({"teacher": "model"}, "a teacher was given with distill=0"),
+        ({"teacher": "self", "distill": 1.0}, "must be a separate, frozen model"),
+    ],
+    ids=["distill-above-1", "distill-negative", "teacher-without-distill", "teacher-is-model"],
+)
+def test_bad_distillation_arguments(kwargs, pattern):
+    model = tiny_gpt2()
+    if "teacher" in kwargs:
+        kwargs = kwargs | {"teacher": model if kwargs["teacher"] == "self" else tiny_gpt2(seed=1)}
+    with pytest.raises(ValueError, match=pattern):
+        finetune(model, None, torch.arange(100), seq_len=16, steps=1, progress=False, **kwargs)

@@ -323,6 +323,10 @@ def scenario_training(rank: int, world: int) -> dict:
     model = copy.deepcopy(base)
     history = sa.finetune(model, None, _stream(), progress=False, **FINETUNE)
     result["finetune"] = {"history": [e.to_dict() for e in history], "weights": _weights(model)}
+    # The same with the distillation term (a teacher copied on every process, its KL over the global positions).
+    model = copy.deepcopy(base)
+    history = sa.finetune(model, None, _stream(), progress=False, distill=0.5, **FINETUNE)
+    result["finetune_distill"] = {"history": [e.to_dict() for e in history], "weights": _weights(model)}
 
     dist.barrier()
     if rank == 0:  # the single-process references, on the whole global batch
@@ -335,6 +339,9 @@ def scenario_training(rank: int, world: int) -> dict:
         model = copy.deepcopy(base)
         history = sa.finetune(model, None, _stream(), progress=False, process_group=None, **FINETUNE)
         result["single_finetune"] = {"history": [e.to_dict() for e in history], "weights": _weights(model)}
+        model = copy.deepcopy(base)
+        history = sa.finetune(model, None, _stream(), progress=False, process_group=None, distill=0.5, **FINETUNE)
+        result["single_finetune_distill"] = {"history": [e.to_dict() for e in history], "weights": _weights(model)}
     return result
 
 
