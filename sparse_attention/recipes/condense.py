@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..ops.files import check_target
     from .default_model import DEFAULT_MODEL_DIR, load_default_model, load_default_tokenizer
-    from .pretrain import _device_description, heldout_perplexity
+    from .pretrain import device_description, heldout_perplexity
     from .report import git_commit
 
     torch.set_num_threads(args.threads)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "regularized_layers": regularized,
         "tokens_seen": recipe.steps * recipe.batch_size * recipe.seq_len,
         "train_seconds": seconds,
-        "device": _device_description(device),
+        "device": device_description(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "commit": git_commit(),

@@ -138,7 +138,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _device_description(device) -> str:
+def device_description(device) -> str:
     import torch
 
     if device.type == "cuda":
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "total_seconds": time.perf_counter() - script_start,
-        "device": _device_description(device),
+        "device": device_description(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,

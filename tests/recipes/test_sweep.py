@@ -29,15 +29,6 @@ REQUIRED = (
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: their ops are too small for intra-op threads, which on a shared machine only slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def windows(n, seed):
     return torch.randint(1, VOCAB, (n, L), generator=torch.Generator().manual_seed(seed))
 

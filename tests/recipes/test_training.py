@@ -14,15 +14,6 @@ VOCAB = 64
 K = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: their ops are too small for intra-op threads, which on a shared machine only slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt2(seed=0):
     torch.manual_seed(seed)
     config = GPT2Config(
