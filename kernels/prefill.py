@@ -674,13 +674,19 @@ def _shared_memory_bytes(block: tuple[int, int, int, int], head_dim: int, head_d
     return elt * (q_copies * block_m * head_dim + staged) + 4 * block_m * block_n
 
 
-def config_fits(block: tuple[int, int, int, int], head_dim: int, head_dim_v: int, elt: int, shared_memory: int) -> bool:
+def config_fits(
+    block: tuple[int, int, int, int], head_dim: int, head_dim_v: int, elt: int, shared_memory: int,
+    mask_mode: int = MASK_NONE.value,
+) -> bool:  # fmt: skip
     """Whether a ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` config may run for padded head dims ``head_dim`` (q/k)
-    and ``head_dim_v`` (v), element size ``elt``, on a device with ``shared_memory`` bytes per block: its shared
-    memory fits, its register tiles stay within ``config.PREFILL_MAX_ACC_PER_THREAD`` values per thread, and float32
-    inputs use one of ``config.PREFILL_FP32_CONFIGS`` (see kernels/config.py for where these come from)."""
+    and ``head_dim_v`` (v), element size ``elt``, on a device with ``shared_memory`` bytes per block, for a call of
+    ``mask_mode``: its shared memory fits, its register tiles stay within ``config.PREFILL_MAX_ACC_PER_THREAD`` values
+    per thread, float32 inputs use one of ``config.PREFILL_FP32_CONFIGS``, and a general per-row mask none of
+    ``config.PREFILL_FULL_MASK_EXCLUDED`` (see kernels/config.py for where these come from)."""
     block_m, block_n, num_warps, _ = block
     if elt >= 4 and tuple(block) not in config.PREFILL_FP32_CONFIGS:
+        return False
+    if mask_mode == MASK_FULL.value and tuple(block) in config.PREFILL_FULL_MASK_EXCLUDED:
         return False
     if block_m * (head_dim_v + block_n) > config.PREFILL_MAX_ACC_PER_THREAD * 32 * num_warps:
         return False
@@ -695,17 +701,21 @@ def tile_configs() -> tuple[tuple[int, int, int, int], ...]:
     return tuple(config.PREFILL_CONFIGS)
 
 
-def fitting_configs(head_dim: int, head_dim_v: int, elt: int, shared_memory: int) -> list[tuple[int, int, int, int]]:
+def fitting_configs(
+    head_dim: int, head_dim_v: int, elt: int, shared_memory: int, mask_mode: int = MASK_NONE.value
+) -> list[tuple[int, int, int, int]]:
     """The configs of :func:`tile_configs` that :func:`config_fits`, or the smallest one when none does."""
     configs = tile_configs()
-    fitting = [c for c in configs if config_fits(c, head_dim, head_dim_v, elt, shared_memory)]
+    fitting = [c for c in configs if config_fits(c, head_dim, head_dim_v, elt, shared_memory, mask_mode)]
     return fitting or [min(configs, key=lambda c: c[0] * c[1] * max(1, c[3]))]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     q = named_args["Q"]
     shared = _device_shared_memory(q.device.index or 0) if q.is_cuda else 1 << 30
-    allowed = set(fitting_configs(kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], q.element_size(), shared))
+    allowed = set(
+        fitting_configs(kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], q.element_size(), shared, kwargs["MASK_MODE"])
+    )
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
 
@@ -868,7 +878,7 @@ def top_theta_prefill(
         return PrefillResult(out, kept, visible, skipped_tiles, total_tiles)
     if block_config is None:
         shared = _device_shared_memory(device.index or 0) if device.type == "cuda" else 1 << 30
-        block_config = fitting_configs(head_dim, head_dim_v, query.element_size(), shared)[0]
+        block_config = fitting_configs(head_dim, head_dim_v, query.element_size(), shared, mask_mode)[0]
     if len(block_config) != 4 or not all(isinstance(x, int) and x > 0 for x in block_config):
         raise ValueError(f"block_config must be (BLOCK_M, BLOCK_N, num_warps, num_stages) ints, got {block_config!r}")
     block_m, block_n, num_warps, num_stages = block_config

@@ -598,6 +598,22 @@ def test_one_config_under_the_interpreter():
         assert configs == tuple(config.PREFILL_CONFIGS)
 
 
+def test_a_general_mask_leaves_out_the_configs_that_spill_with_it(monkeypatch):
+    """The compile report found (128, 64, 8, 3) spilling with a general per-row mask at D=128 (and only there): such
+    calls choose among the others, with autotuning on (the prune) and off (the fit rule) alike."""
+    monkeypatch.setattr(config, "INTERPRET", False)
+    assert config.PREFILL_FULL_MASK_EXCLUDED and set(config.PREFILL_FULL_MASK_EXCLUDED) <= set(config.PREFILL_CONFIGS)
+    full, shared_rows, keys = prefill.MASK_FULL.value, prefill.MASK_SHARED.value, prefill.MASK_KEYS.value
+    for block in config.PREFILL_FULL_MASK_EXCLUDED:
+        assert prefill.config_fits(block, 128, 128, 2, 1 << 30)
+        assert prefill.config_fits(block, 128, 128, 2, 1 << 30, keys)
+        assert prefill.config_fits(block, 128, 128, 2, 1 << 30, shared_rows)
+        assert not prefill.config_fits(block, 128, 128, 2, 1 << 30, full)
+    masked = prefill.fitting_configs(128, 128, 2, 1 << 30, full)
+    plain = prefill.fitting_configs(128, 128, 2, 1 << 30)
+    assert masked == [c for c in plain if c not in config.PREFILL_FULL_MASK_EXCLUDED] and masked
+
+
 def test_fit_rule_is_honoured_with_autotuning_off(monkeypatch):
     """SPARSE_ATTENTION_AUTOTUNE=0 launches the first shipped config that fits the call (shared memory, register
     tiles, the float32 limits), not blindly the first of the list."""
