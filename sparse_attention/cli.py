@@ -340,14 +340,20 @@ def _load(args):
         hf_logging.disable_progress_bar()
     source = _source(args)
     model, tokenizer = load_model_and_tokenizer(source, attn_implementation="eager", device=args.device)
-    try:
-        use_top_theta(model)
-    except ValueError as exc:
-        raise UsageError(f"model {source}: {exc}") from None
-    model.set_attn_implementation("eager")
+    _check_top_theta(model, f"model {source}")
     if config is None:
         _check_model_args(args, model.config)
     return model, tokenizer
+
+
+def _check_top_theta(model, what: str) -> None:
+    """Refuse a model that cannot run ``top_theta`` (naming it as ``what``), then leave it on eager attention until a
+    command configures it."""
+    try:
+        use_top_theta(model)
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    model.set_attn_implementation("eager")
 
 
 def _texts(args, split: str) -> list[str]:
@@ -365,6 +371,15 @@ def _seq_len(args, config) -> int:
     return min(args.seq_len or DEFAULT_SEQ_LEN, limit)
 
 
+def _split_text_windows(args, windows):
+    """``--text`` windows split in two: the first ``--calib-windows`` (at most half) calibrate, the next ``--windows``
+    are held out."""
+    if windows.shape[0] < 2:
+        raise UsageError("--text is too short: need at least two windows (one to calibrate, one to evaluate)")
+    n_cal = min(args.calib_windows, windows.shape[0] // 2)
+    return windows[:n_cal], windows[n_cal:][: args.windows]
+
+
 def _split_windows(args, model, tokenizer, texts):
     """Disjoint calibration and held-out windows: separate corpus splits by default; with ``--text``, the first
     ``--calib-windows`` windows calibrate and the rest are held out. ``texts`` maps split names to texts."""
@@ -372,14 +387,7 @@ def _split_windows(args, model, tokenizer, texts):
 
     seq_len = _seq_len(args, model.config)
     if args.text:
-        windows = token_windows(tokenizer, texts["heldout"], seq_len)
-        if windows.shape[0] < 2:
-            raise UsageError("--text is too short: need at least two windows (one to calibrate, one to evaluate)")
-        n_cal = min(args.calib_windows, windows.shape[0] // 2)
-        heldout = windows[n_cal:]
-        if heldout.shape[0] > args.windows:
-            heldout = heldout[: args.windows]
-        return windows[:n_cal], heldout
+        return _split_text_windows(args, token_windows(tokenizer, texts["heldout"], seq_len))
     calibration = token_windows(tokenizer, texts["calibration"], seq_len, args.calib_windows)
     heldout = token_windows(tokenizer, texts["heldout"], seq_len, args.windows)
     return calibration, heldout
@@ -501,8 +509,7 @@ def cmd_demo(args) -> int:
             raise UsageError(
                 f"the condensed model {condensed[0]} has another vocabulary than {args.model or 'shipped'}"
             )
-        use_top_theta(other)
-        other.set_attn_implementation("eager")
+        _check_top_theta(other, f"the condensed model {condensed[0]}")
         models["condensed"] = other
     calibration, heldout = _split_windows(args, model, tokenizer, texts)
     records = []
@@ -663,11 +670,7 @@ def _sweep_windows(args, tokenizer, seq_len):
     from .recipes.data import load_texts, prose_texts, stdlib_texts, token_windows
 
     if args.text:
-        windows = token_windows(tokenizer, load_texts(args.text), seq_len)
-        if windows.shape[0] < 2:
-            raise UsageError("--text is too short: need at least two windows (one to calibrate, one to evaluate)")
-        n_cal = min(args.calib_windows, windows.shape[0] // 2)
-        return windows[:n_cal], windows[n_cal:][: args.windows]
+        return _split_text_windows(args, token_windows(tokenizer, load_texts(args.text), seq_len))
     corpus = {"code": stdlib_texts, "prose": prose_texts}
     calibration = token_windows(tokenizer, corpus[args.calib_corpus]("calibration"), seq_len, args.calib_windows)
     heldout = token_windows(tokenizer, corpus[args.eval_corpus]("heldout"), seq_len, args.windows)
@@ -715,14 +718,11 @@ def cmd_sweep(args) -> int:
     for name, source in checkpoints.items():
         try:
             models[name], tok = load_model_and_tokenizer(source, attn_implementation="eager", device=args.device)
-            use_top_theta(models[name])
         except ValueError as exc:
             raise UsageError(f"--model {name}={source}: {exc}") from None
-        models[name].set_attn_implementation("eager")
+        _check_top_theta(models[name], f"--model {name}={source}")
         tokenizer = tokenizer or tok
-    limits = [getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", 512)
-              for m in models.values()]  # fmt: skip
-    seq_len = min([args.seq_len or DEFAULT_SEQ_LEN, *limits])
+    seq_len = min(_seq_len(args, m.config) for m in models.values())
     calibration, heldout = _sweep_windows(args, tokenizer, seq_len)
 
     def sha(t):

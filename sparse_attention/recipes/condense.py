@@ -196,6 +196,11 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
     )  # fmt: skip
 
 
+def is_condensed_checkpoint(path: Path) -> bool:
+    """Whether a folder is one this recipe wrote (a checkpoint with its model card), which it may replace."""
+    return (path / "config.json").is_file() and (path / "MODEL_CARD.md").is_file()
+
+
 def save_checkpoint(out: Path, model, tokenizer_dir: Path, facts: dict, history, overwrite: bool = False) -> Path:
     """Write the model, the tokenizer files of ``tokenizer_dir``, ``train_log.json`` and ``MODEL_CARD.md`` as one
     folder (atomic swap). The tokenizer files are copied, not saved again: another transformers version would write
@@ -204,10 +209,7 @@ def save_checkpoint(out: Path, model, tokenizer_dir: Path, facts: dict, history,
 
     from ..ops.files import check_target, write_folder
 
-    def ours(path: Path) -> bool:
-        return (path / "config.json").is_file() and (path / "MODEL_CARD.md").is_file()
-
-    check_target(out, folder=True, ours=ours, what="condensed checkpoint", overwrite=overwrite)
+    check_target(out, folder=True, ours=is_condensed_checkpoint, what="condensed checkpoint", overwrite=overwrite)
 
     def write(folder: Path) -> None:
         model.to("cpu").save_pretrained(folder, safe_serialization=True)
@@ -232,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     recipe = recipe_of(args)
-    check_target(args.out, folder=True, what="condensed checkpoint", overwrite=args.overwrite,
-                 ours=lambda p: (p / "config.json").is_file() and (p / "MODEL_CARD.md").is_file())  # fmt: skip
+    check_target(args.out, folder=True, ours=is_condensed_checkpoint, what="condensed checkpoint",
+                 overwrite=args.overwrite)  # fmt: skip
     device = torch.device(args.device)
     tokenizer = load_default_tokenizer()
     model = load_default_model(attn_implementation="sdpa", device=device)
