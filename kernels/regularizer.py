@@ -156,6 +156,32 @@ def _tile_scores(
 
 
 @triton.jit
+def _key_tile_scores(
+    q, k_head, k_offs, mask_rows, mask_offs, key_mask_row, start_n, offs_m, offs_j, d_ok, lo, hi,
+    seqlen_q, seqlen_k, q_offset, sm_scale, softcap, stride_kn, stride_mn,
+    EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The key tile at ``start_n`` of a query tile's walk: its K rows in ``[lo, hi)`` (``[BLOCK_N, HEAD_DIM]``), its
+    scores and their visibility (:func:`_tile_scores`). The forward and the dQ kernel walk their keys through this one
+    function, so the dQ kernel recomputes each score on the forward's own tile."""
+    offs_n = start_n + offs_j
+    k_ok = ((offs_n >= lo) & (offs_n < hi))[:, None]
+    if not EVEN_D:
+        k_ok = k_ok & d_ok
+    k = tl.load(k_head + tl.cast(start_n, tl.int64) * stride_kn + k_offs, mask=k_ok, other=0.0)  # [BLOCK_N, HEAD_DIM]
+    key_bits = offs_j
+    if MASK_MODE == MASK_KEY_PADDING:
+        key_bits = tl.load(key_mask_row + offs_n, mask=offs_n < seqlen_k, other=0)  # [BLOCK_N]
+    s, visible = _tile_scores(
+        q, k, offs_m, offs_n, mask_rows + tl.cast(start_n, tl.int64) * stride_mn + mask_offs, key_bits,
+        seqlen_q, seqlen_k, q_offset, sm_scale, softcap,
+        CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
+    )  # fmt: skip
+    return k, s, visible
+
+
+@triton.jit
 def _merge_top(top, top_min, n_dropped, s, LOG_N: tl.constexpr, N_DIMS: tl.constexpr):
     """Merge score tile ``s`` into the descending top buffer ``top``; both ``[BLOCK_M, BLOCK_N = 2**LOG_N]``.
 
@@ -288,20 +314,10 @@ def _regularizer_fwd_kernel(
     walked = 0
 
     for start_n in range(lo_tile, hi, BLOCK_N):
-        offs_n = start_n + offs_j
-        k_ok = ((offs_n >= lo) & (offs_n < hi))[:, None]
-        if not EVEN_D:
-            k_ok = k_ok & d_ok
-        k = tl.load(
-            k_head + tl.cast(start_n, tl.int64) * stride_kn + k_offs, mask=k_ok, other=0.0
-        )  # [BLOCK_N, HEAD_DIM]
-        key_bits = offs_j
-        if MASK_MODE == MASK_KEY_PADDING:
-            key_bits = tl.load(key_mask_row + offs_n, mask=offs_n < seqlen_k, other=0)  # [BLOCK_N]
-        s, visible = _tile_scores(
-            q, k, offs_m, offs_n, mask_rows + tl.cast(start_n, tl.int64) * stride_mn + mask_offs, key_bits,
-            seqlen_q, seqlen_k, q_offset, sm_scale, softcap,
-            CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
+        _, s, visible = _key_tile_scores(
+            q, k_head, k_offs, mask_rows, mask_offs, key_mask_row, start_n, offs_m, offs_j, d_ok, lo, hi,
+            seqlen_q, seqlen_k, q_offset, sm_scale, softcap, stride_kn, stride_mn,
+            EVEN_D=EVEN_D, CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
         if MASK_MODE == MASK_GENERAL:
             n_visible += tl.sum(visible.to(tl.int32), 1)
@@ -409,20 +425,10 @@ def _regularizer_bwd_dq_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     walked = 0
     for start_n in range(lo_tile, hi, BLOCK_N):
-        offs_n = start_n + offs_j
-        k_ok = ((offs_n >= lo) & (offs_n < hi))[:, None]
-        if not EVEN_D:
-            k_ok = k_ok & d_ok
-        k = tl.load(
-            k_head + tl.cast(start_n, tl.int64) * stride_kn + k_offs, mask=k_ok, other=0.0
-        )  # [BLOCK_N, HEAD_DIM]
-        key_bits = offs_j
-        if MASK_MODE == MASK_KEY_PADDING:
-            key_bits = tl.load(key_mask_row + offs_n, mask=offs_n < seqlen_k, other=0)  # [BLOCK_N]
-        s, _ = _tile_scores(
-            q, k, offs_m, offs_n, mask_rows + tl.cast(start_n, tl.int64) * stride_mn + mask_offs, key_bits,
-            seqlen_q, seqlen_k, q_offset, sm_scale, softcap,
-            CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
+        k, s, _ = _key_tile_scores(
+            q, k_head, k_offs, mask_rows, mask_offs, key_mask_row, start_n, offs_m, offs_j, d_ok, lo, hi,
+            seqlen_q, seqlen_k, q_offset, sm_scale, softcap, stride_kn, stride_mn,
+            EVEN_D=EVEN_D, CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
         # [BLOCK_M, BLOCK_N]
         ds = _score_grad(s, lse, thresh, c_above, c_tie, c_below, softcap, HAS_SOFTCAP=HAS_SOFTCAP)
