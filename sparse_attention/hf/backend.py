@@ -74,7 +74,6 @@ _IGNORED_KWARGS = {
     "cu_seq_lens_k",
     "max_length_q",
     "max_length_k",
-    "head_mask",  # only None is accepted (checked below)
 }
 
 
@@ -367,14 +366,11 @@ def top_theta_attention_forward(
         NotImplementedError: a keyword argument this backend does not implement (named in the message).
     """
     unknown = sorted(name for name, value_ in kwargs.items() if name not in _IGNORED_KWARGS and value_ is not None)
-    if kwargs.get("head_mask") is not None:
-        unknown.append("head_mask")
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("position_ids") is None:
         unknown.append("cu_seq_lens_q without position_ids")
     if unknown:
-        names = unknown
         raise NotImplementedError(
-            f"the top_theta attention backend does not implement {', '.join(map(repr, names))} "
+            f"the top_theta attention backend does not implement {', '.join(map(repr, unknown))} "
             f"(from {type(module).__name__}); use attn_implementation='eager' or 'sdpa' for this model"
         )
     call = adapt(
